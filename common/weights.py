@@ -1,0 +1,199 @@
+"""Building NAOSD from the weights a user brings, and our own adapter files.
+
+Sources (SPEC section 2):
+- the tiny embedded default (``source=tiny``);
+- SD 2.1-base as a local diffusers folder (``sd_path``);
+- on top of it, ``naosd_path``: a merged NAOSD/GDPO-SR diffusers folder
+  (``unet/``, ``vae/``), or a NAOSD training checkpoint (see
+  :mod:`common.naosd_checkpoint`).
+
+Our adapters are a safetensors file plus a JSON config; :func:`export_merged`
+writes a merged diffusers folder.  Every loader validates before it builds or
+mutates, so a bad input raises ``ValueError`` and leaves no half-loaded model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from common import tiny
+from common.clip_vocab import clip_tokenizer
+from common.naosd import (
+    ADAPTER_NAME,
+    DTYPES,
+    NAOSD,
+    ModelConfig,
+    add_gdpo_adapter,
+    lora_parameters,
+    lora_target_modules,
+)
+from common.naosd_checkpoint import apply_naosd_checkpoint, read_naosd_checkpoint
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "gdpo-sr-lora/1"
+
+
+def build_naosd(config: ModelConfig, device: str | torch.device = "cpu") -> NAOSD:
+    """The full model: NAOSD base weights, a fresh ``gdpo`` adapter, frozen VAE and text encoder."""
+    unet, vae = _base_unet(config), _base_vae(config)
+    text_encoder, tokenizer, scheduler = _text_and_scheduler(config)
+    add_gdpo_adapter(unet, rank=config.lora_rank, alpha=config.lora_alpha, patterns=config.lora_targets)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False).eval()
+    model = NAOSD(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        t_add=config.t_add,
+        t_diff=config.t_diff,
+    )
+    return model.to(device=device, dtype=DTYPES[config.dtype]).eval()
+
+
+def build_policy_unet(config: ModelConfig) -> tuple[UNet2DConditionModel, Tensor]:
+    """What the learner needs and nothing more: the adapted UNet and the schedule's ``abar``."""
+    unet = _base_unet(config)
+    add_gdpo_adapter(unet, rank=config.lora_rank, alpha=config.lora_alpha, patterns=config.lora_targets)
+    _, _, scheduler = _text_and_scheduler(config, text=False)
+    return unet, scheduler.alphas_cumprod.clone()
+
+
+def _base_unet(config: ModelConfig) -> UNet2DConditionModel:
+    if config.source == "tiny":
+        return tiny.tiny_unet(config.tiny_seed)
+    naosd = Path(config.naosd_path) if config.naosd_path else None
+    if naosd is not None and naosd.is_dir():
+        return _from_folder(UNet2DConditionModel, naosd, "unet")
+    unet = _from_folder(UNet2DConditionModel, Path(config.sd_path), "unet")
+    if naosd is not None:
+        ckpt = read_naosd_checkpoint(naosd)
+        apply_naosd_checkpoint(unet, ckpt.unet_groups, ckpt.rank_unet, ckpt.state_dict_unet, full_weight_key="conv_in")
+    return unet
+
+
+def _base_vae(config: ModelConfig) -> AutoencoderKL:
+    if config.source == "tiny":
+        return tiny.tiny_vae(config.tiny_seed)
+    naosd = Path(config.naosd_path) if config.naosd_path else None
+    if naosd is not None and naosd.is_dir():
+        return _from_folder(AutoencoderKL, naosd, "vae")
+    vae = _from_folder(AutoencoderKL, Path(config.sd_path), "vae")
+    if naosd is not None:
+        ckpt = read_naosd_checkpoint(naosd)
+        apply_naosd_checkpoint(vae, ckpt.vae_groups, ckpt.rank_vae, ckpt.state_dict_vae, full_weight_key="skip")
+    return vae
+
+
+def _text_and_scheduler(
+    config: ModelConfig, *, text: bool = True
+) -> tuple[CLIPTextModel | None, CLIPTokenizer | None, DDPMScheduler]:
+    if config.source == "tiny":
+        if not text:
+            return None, None, tiny.sd21_scheduler()
+        return tiny.tiny_text_encoder(config.tiny_seed), clip_tokenizer(), tiny.sd21_scheduler()
+    sd = Path(config.sd_path)
+    scheduler = _from_folder(DDPMScheduler, sd, "scheduler")
+    _check_schedule(scheduler, sd)
+    if not text:
+        return None, None, scheduler
+    return _from_folder(CLIPTextModel, sd, "text_encoder"), _from_folder(CLIPTokenizer, sd, "tokenizer"), scheduler
+
+
+def _from_folder(cls: type, root: Path, subfolder: str):
+    folder = root / subfolder
+    if not root.is_dir():
+        raise ValueError(f"model folder {root} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"model folder {root} has no {subfolder}/ (expected a diffusers layout)")
+    return cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+
+
+def _check_schedule(scheduler: DDPMScheduler, folder: Path) -> None:
+    cfg = scheduler.config
+    for key, want in tiny.SD21_SCHEDULER.items():
+        if key in cfg and cfg[key] != want and key not in ("clip_sample", "prediction_type"):
+            raise ValueError(f"{folder}/scheduler: {key}={cfg[key]!r}, SD 2.1-base has {want!r}")
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"{folder}/scheduler predicts {cfg['prediction_type']!r}; NAOSD needs epsilon")
+
+
+# --- our adapter: safetensors + JSON -------------------------------------------------------------
+
+
+def adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, Tensor]:
+    """A CPU float32 copy of the ``gdpo`` adapter tensors, by parameter name."""
+    return {name: p.detach().to("cpu", torch.float32).contiguous().clone() for name, p in lora_parameters(unet).items()}
+
+
+def load_adapter_state_dict(unet: UNet2DConditionModel, state: dict[str, Tensor]) -> None:
+    """Copy adapter tensors into the UNet in place, after checking names and shapes all match."""
+    params = lora_parameters(unet)
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit this UNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the UNet wants "
+                             f"{tuple(params[name].shape)} (different LoRA rank?)")  # fmt: skip
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def adapter_metadata(unet: UNet2DConditionModel) -> dict:
+    peft_config = unet.peft_config[ADAPTER_NAME]
+    return {
+        "format": ADAPTER_FORMAT,
+        "rank": peft_config.r,
+        "alpha": float(peft_config.lora_alpha),
+        "target_modules": sorted(peft_config.target_modules),
+    }
+
+
+def save_adapter(unet: UNet2DConditionModel, directory: str | Path, extra: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(unet), str(directory / ADAPTER_WEIGHTS))
+    meta = {**adapter_metadata(unet), **(extra or {})}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_adapter(unet: UNet2DConditionModel, directory: str | Path) -> dict:
+    """Load a saved adapter into ``unet`` in place; returns its JSON metadata."""
+    directory = Path(directory)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory} is not a GDPO-SR adapter: {name} is missing")
+    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+    ours = adapter_metadata(unet)
+    for key in ("format", "rank", "alpha", "target_modules"):
+        if meta.get(key) != ours[key]:
+            shown = meta.get(key) if key != "target_modules" else f"{len(meta.get(key) or [])} modules"
+            want = ours[key] if key != "target_modules" else f"{len(ours[key])} modules"
+            raise ValueError(f"adapter {directory}: {key} is {shown}, this model's adapter has {want}")
+    load_adapter_state_dict(unet, load_file(str(directory / ADAPTER_WEIGHTS)))
+    return meta
+
+
+def export_merged(model: NAOSD, directory: str | Path) -> Path:
+    """Write ``unet/`` (adapter merged in) and ``vae/``: the published GDPO-SR layout."""
+    directory = Path(directory)
+    unet = copy.deepcopy(model.unet)
+    unet.fuse_lora(adapter_names=[ADAPTER_NAME])
+    unet.unload_lora()
+    assert not lora_target_modules(unet, ["lora_"]), "LoRA layers survived the merge"
+    unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
+    model.vae.save_pretrained(str(directory / "vae"), safe_serialization=True)
+    return directory
