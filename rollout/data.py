@@ -60,30 +60,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from rollout.degradation import DegradationConfig
+from rollout.embedded_images import EMBEDDED_IMAGES, EMBEDDED_ROOT, _embedded_where, _load_embedded
+from rollout.lr_synthesis import bicubic_degrade, realesrgan_degrade
 from rollout.prompts import CaptionFile, EmptyPrompt, PromptSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
-# image_id -> (skimage.data function, item of its returned tuple or None).  RGB photographs
-# only, all shipped inside the scikit-image package (no pooch download).  Left out on purpose:
-# `cat` (the same file as `chelsea`), `stereo_motorcycle`'s right view (a near duplicate of the
-# left one), grey-level images (camera, moon, coins, ...), graphics (logo, colorwheel) and the
-# data that needs a download (eagle, lily, skin, ...).
-EMBEDDED_IMAGES: dict[str, tuple[str, int | None]] = {
-    "astronaut": ("astronaut", None),  # 512 x 512, portrait of Eileen Collins
-    "coffee": ("coffee", None),  # 400 x 600, a cup of coffee
-    "chelsea": ("chelsea", None),  # 300 x 451, Chelsea the cat
-    "rocket": ("rocket", None),  # 427 x 640, a rocket launch
-    "immunohistochemistry": ("immunohistochemistry", None),  # 512 x 512, stained tissue micrograph
-    "hubble_deep_field": ("hubble_deep_field", None),  # 872 x 1000, Hubble deep field
-    "retina": ("retina", None),  # 1411 x 1411, fundus photograph
-    "motorcycle_left": ("stereo_motorcycle", 0),  # 500 x 741, left view of a stereo pair
-}
-EMBEDDED_ROOT = "<embedded scikit-image photos>"
 
 # Stream tags so the permutation and the per-index draws never share a seed sequence.
 _PERMUTATION_STREAM = 0x5045524D
@@ -178,7 +163,7 @@ class PairSource:
         config: DataConfig,
         *,
         prompt_source: PromptSource | None = None,
-        degradation_config: object | None = None,
+        degradation_config: DegradationConfig | None = None,
     ) -> None:
         self.config = config
         self.skipped: dict[str, str] = {}
@@ -206,11 +191,10 @@ class PairSource:
         self.prompt_source: PromptSource = prompt_source if prompt_source is not None else self._make_prompt_source()
         self.degradation_config = None
         if config.degradation == "realesrgan":  # fail at start-up, not at the first sample
-            _, config_cls = _realesrgan()
             self.degradation_config = (
-                degradation_config if degradation_config is not None else config_cls(scale=config.scale)
+                degradation_config if degradation_config is not None else DegradationConfig(scale=config.scale)
             )
-            if getattr(self.degradation_config, "scale", config.scale) != config.scale:
+            if self.degradation_config.scale != config.scale:
                 raise ValueError(
                     f"the degradation config's scale={self.degradation_config.scale} differs from the data "
                     f"config's scale={config.scale}"
@@ -385,70 +369,7 @@ class PairSource:
         return source
 
 
-# --- degradations ------------------------------------------------------------------------------
-
-
-def bicubic_degrade(hr: np.ndarray, scale: int) -> np.ndarray:
-    """``[3, H, W]`` uint8 -> antialiased bicubic /scale, 8-bit, bicubic back to ``H x W``, 8-bit."""
-    height, width = hr.shape[1:]
-    assert height % scale == 0 and width % scale == 0, (hr.shape, scale)
-    x = torch.from_numpy(hr).unsqueeze(0).float().div_(255.0)
-    small = F.interpolate(
-        x, size=(height // scale, width // scale), mode="bicubic", align_corners=False, antialias=True
-    )
-    small = _quantise(small).float().div_(255.0)
-    up = F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False)
-    return _quantise(up)[0].numpy()
-
-
-def realesrgan_degrade(hr: np.ndarray, seed: int, config: object | None = None) -> np.ndarray:
-    """``[3, H, W]`` uint8 -> ``rollout.degradation.degrade`` seeded by ``seed``, at ``H x W``, 8-bit.
-
-    ``config`` is a ``rollout.degradation.DegradationConfig`` (None: its defaults, the GDPO set).
-    """
-    degrade, config_cls = _realesrgan()
-    height, width = hr.shape[1:]
-    x = torch.from_numpy(hr).unsqueeze(0).float().div_(255.0)
-    generator = torch.Generator().manual_seed(seed)
-    lr = degrade(x, generator, config if config is not None else config_cls())
-    if tuple(lr.shape[-2:]) != (height, width):  # a degrade that stops at the LR size
-        lr = F.interpolate(lr.float(), size=(height, width), mode="bicubic", align_corners=False)
-    return _quantise(lr)[0].numpy()
-
-
-def _realesrgan():
-    try:
-        from rollout.degradation import DegradationConfig, degrade
-    except ImportError as err:
-        raise ValueError(
-            f"degradation='realesrgan' needs rollout.degradation (degrade, DegradationConfig), "
-            f"which cannot be imported: {err}; use degradation='bicubic'"
-        ) from None
-    return degrade, DegradationConfig
-
-
-def _quantise(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float -> uint8, clamped and rounded."""
-    return x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-
-
 # --- image helpers -----------------------------------------------------------------------------
-
-
-def _load_embedded(image_id: str) -> np.ndarray:
-    import skimage.data
-
-    name, item = EMBEDDED_IMAGES[image_id]
-    data = getattr(skimage.data, name)()
-    array = np.asarray(data if item is None else data[item])
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"skimage.data.{name} is not an RGB uint8 image: {array.dtype} {array.shape}")
-    return array
-
-
-def _embedded_where(image_id: str) -> str:
-    name, item = EMBEDDED_IMAGES[image_id]
-    return f"skimage.data.{name}()" + ("" if item is None else f"[{item}]")
 
 
 def _rgb_array(im: Image.Image) -> np.ndarray:
