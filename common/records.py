@@ -27,6 +27,7 @@ class RolloutGroups:
 
     group_id: tuple[str, ...]  # [N] unique per group, e.g. "rollout0-000042"
     image_id: tuple[str, ...]  # [N] the training image the pair came from
+    data_index: np.ndarray  # [N] int64, the data-source index of the pair (the data position)
     seed: np.ndarray  # [N] int64, seeds the group's posterior sample and noises
     policy_version: np.ndarray  # [N] int64, adapter version that sampled; -1 = reference
     prompt: tuple[str, ...]  # [N]
@@ -68,13 +69,18 @@ class GroupRewards:
 
 
 def _tensor(values: np.ndarray, dtype: type) -> pa.Array:
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=dtype))
+    values = np.ascontiguousarray(values, dtype=dtype)
+    if values.shape[0] == 0:  # pyarrow refuses empty ndarrays (e.g. every group of a batch dropped)
+        tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(values.dtype), values.shape[1:])
+        return pa.ExtensionArray.from_storage(tensor_type, pa.array([], tensor_type.storage_type))
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
 
 
 def _rollout_arrays(g: RolloutGroups) -> dict[str, pa.Array]:
     return {
         "group_id": pa.array(g.group_id, pa.string()),
         "image_id": pa.array(g.image_id, pa.string()),
+        "data_index": pa.array(np.asarray(g.data_index, np.int64)),
         "seed": pa.array(np.asarray(g.seed, np.int64)),
         "policy_version": pa.array(np.asarray(g.policy_version, np.int64)),
         "prompt": pa.array(g.prompt, pa.string()),

@@ -1,0 +1,152 @@
+"""Vectorised smooth/detail proportions against a naive per-patch reading of SPEC section 4."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from reward_service.proportions import detail_proportions, patch_complexity, to_gray8
+
+
+def naive_complexity(rgb: np.ndarray, gray: str = "opencv_bgr", ps: int = 10, r: int = 64) -> np.ndarray:
+    """SPEC 4 literally: one loop iteration per patch, cv2 + np.histogram.  rgb [H, W, 3] uint8."""
+    code = cv2.COLOR_BGR2GRAY if gray == "opencv_bgr" else cv2.COLOR_RGB2GRAY
+    g = cv2.cvtColor(rgb, code) / 255.0
+    h, w = g.shape
+    out = np.zeros((-(-h // ps), -(-w // ps)))
+    for a, i in enumerate(range(0, h, ps)):
+        for b, j in enumerate(range(0, w, ps)):
+            patch = g[i : i + ps, j : j + ps]
+            big = cv2.resize(patch, (r, r), interpolation=cv2.INTER_LINEAR)
+            gx = cv2.Sobel(big, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            gy = cv2.Sobel(big, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            hist, _ = np.histogram(np.sqrt(gx**2 + gy**2), bins=512, range=(-5.5, 5.5))
+            p = hist / (hist.sum() + 1e-5)
+            out[a, b] = -np.sum(p * np.log2(p + 1e-10)) * patch.shape[0] * patch.shape[1]
+    return out
+
+
+def naive_rho_s(rgb: np.ndarray, comp: np.ndarray, ps: int = 10, threshold: float = 50.0) -> float:
+    h, w = rgb.shape[:2]
+    smooth = 0
+    for a, i in enumerate(range(0, h, ps)):
+        for b, j in enumerate(range(0, w, ps)):
+            if comp[a, b] <= threshold:
+                smooth += min(ps, h - i) * min(ps, w - j)
+    return smooth / (h * w)
+
+
+def as_batch(*rgbs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).contiguous()
+
+
+def crop(name: str, top: int, left: int, h: int = 97, w: int = 123) -> np.ndarray:
+    return np.ascontiguousarray(getattr(data, name)()[top : top + h, left : left + w, :3])
+
+
+PHOTOS = [("astronaut", 40, 150), ("coffee", 120, 200), ("chelsea", 60, 90), ("rocket", 200, 250)]
+
+
+@pytest.mark.parametrize("gray", ["opencv_bgr", "luma"])
+@pytest.mark.parametrize(("name", "top", "left"), PHOTOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_naive_per_patch_on_photos(name: str, top: int, left: int, gray: str, dtype: torch.dtype) -> None:
+    rgb = crop(name, top, left)  # 97 x 123: right (3 px) and bottom (7 px) remainders and a corner
+    ref = naive_complexity(rgb, gray)
+    got = patch_complexity(as_batch(rgb), gray=gray, dtype=dtype)[0].numpy()
+    assert got.shape == ref.shape == (10, 13)
+    assert np.abs(got - ref).max() < 0.05  # float32 gradients move a value across a bin edge at most
+    assert np.median(np.abs(got - ref)) < 1e-9
+    np.testing.assert_array_equal(got > 50, ref > 50)
+    rho_s, rho_d = detail_proportions(as_batch(rgb), gray=gray, dtype=dtype, round_to=None)
+    assert float(rho_s[0]) == pytest.approx(naive_rho_s(rgb, ref), abs=1e-12)
+    assert float(rho_d[0]) == pytest.approx(1 - naive_rho_s(rgb, ref), abs=1e-12)
+    rounded, _ = detail_proportions(as_batch(rgb), gray=gray, dtype=dtype)
+    assert float(rounded[0]) == round(naive_rho_s(rgb, ref), 2)
+
+
+def test_photos_have_both_kinds_of_patches() -> None:
+    """Guard that the comparison above is not trivial (all smooth or all detailed)."""
+    comp = naive_complexity(crop("chelsea", 60, 90))
+    assert 0 < (comp > 50).mean() < 1
+
+
+def test_batch_of_images_equals_one_by_one() -> None:
+    rgbs = [crop(name, top, left) for name, top, left in PHOTOS]
+    together = patch_complexity(as_batch(*rgbs)).numpy()
+    for k, rgb in enumerate(rgbs):
+        np.testing.assert_array_equal(together[k], patch_complexity(as_batch(rgb))[0].numpy())
+
+
+@pytest.mark.parametrize(("h", "w"), [(7, 9), (100, 120), (101, 121), (10, 31), (45, 10)])
+def test_size_classes(h: int, w: int) -> None:
+    """No remainder, 1-pixel remainders, smaller than one patch, a single patch row or column."""
+    rgb = crop("astronaut", 100, 100, h, w)
+    ref = naive_complexity(rgb)
+    got = patch_complexity(as_batch(rgb), chunk=7)[0].numpy()  # small chunks: several per size class
+    assert np.abs(got - ref).max() < 0.05
+    np.testing.assert_array_equal(got > 50, ref > 50)
+
+
+def test_exact_histogram_path_when_magnitudes_can_leave_the_range() -> None:
+    """resize=8 < patch 10: Sobel magnitudes can exceed 5.5, so np.histogram's rules apply (outliers dropped)."""
+    rng = np.random.default_rng(3)
+    rgb = (rng.integers(0, 2, (23, 31, 3)) * 255).astype(np.uint8)  # hard black/white edges
+    ref = naive_complexity(rgb, r=8)
+    got = patch_complexity(as_batch(rgb), resize=8)[0].numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+def test_float64_recheck_of_borderline_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a huge margin every float32 patch is redone on the exact float64 path: same as naive."""
+    from reward_service import proportions
+
+    monkeypatch.setattr(proportions, "_RECHECK_MARGIN", 1e9)
+    rgb = crop("rocket", 200, 250, 37, 43)
+    got = patch_complexity(as_batch(rgb))[0].numpy()
+    np.testing.assert_allclose(got, naive_complexity(rgb), atol=1e-9)
+
+
+def test_float_input_is_quantised_like_uint8() -> None:
+    rgb = crop("coffee", 0, 0, 41, 57)
+    as_uint8 = patch_complexity(as_batch(rgb))
+    as_float = patch_complexity(as_batch(rgb).float() / 255.0)
+    torch.testing.assert_close(as_uint8, as_float)
+
+
+def test_gray_weights_match_opencv() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        to_gray8(as_batch(rgb), "opencv_bgr")[0].numpy(), cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY)
+    )
+    np.testing.assert_array_equal(to_gray8(as_batch(rgb), "luma")[0].numpy(), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+
+
+def test_flat_image_is_all_smooth_and_rounding() -> None:
+    flat = torch.full((2, 3, 25, 25), 128, dtype=torch.uint8)
+    rho_s, rho_d = detail_proportions(flat)
+    assert rho_s.tolist() == [1.0, 1.0] and rho_d.tolist() == [0.0, 0.0]
+    noisy = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 3, 33, 33), dtype=np.uint8))
+    exact, _ = detail_proportions(noisy, round_to=None)
+    rounded, _ = detail_proportions(noisy)
+    assert float(rounded[0]) == round(float(exact[0]), 2)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.zeros(1, 1, 8, 8), "grayscale"),
+        (torch.zeros(1, 4, 8, 8), "RGBA"),
+        (torch.zeros(3, 8, 8), "shape"),
+        (torch.full((1, 3, 8, 8), 1.5), r"\[0, 1\]"),
+        (torch.full((1, 3, 8, 8), -0.1), r"\[0, 1\]"),
+        (torch.full((1, 3, 8, 8), float("nan")), "NaN"),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.int64), "uint8 or floating"),
+    ],
+)
+def test_bad_images_raise(images: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        detail_proportions(images)
