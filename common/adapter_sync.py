@@ -4,7 +4,8 @@ The learner packs its adapter tensors into an :class:`AdapterWeights` (a
 version number and a content digest travel with them); a rollout worker calls
 :func:`apply_to`, which checks the digest and copies the tensors into its UNet
 in place, so no model is rebuilt and no base weight moves.  This module imports
-neither Ray nor DeepSpeed: the transport is the caller's.
+neither Ray nor DeepSpeed (the transport is the caller's), and only torch at
+import time: unpickling or verifying an adapter does not pull in diffusers.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.weights import load_adapter_state_dict
+_ALIGN = 64  # byte alignment of each tensor in the flat transport buffer (dtype views need it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no boolean ==; compare digests
 class AdapterWeights:
     """One version of the adapter, as it crosses process boundaries."""
 
@@ -28,6 +30,40 @@ class AdapterWeights:
     nbytes: int  # total tensor bytes (what the transport moves)
     # name -> LoRA tensor, CPU and contiguous: lora_A ``[r, in(, k, k)]``, lora_B ``[out, r(, 1, 1)]``
     tensors: dict[str, Tensor]
+
+    def __reduce__(self) -> tuple:
+        # Pickled as one flat byte array: Ray ships a numpy array out-of-band without copying it
+        # through pickle, whereas ~500 torch tensors pickle one by one (measured for the SD 2.1
+        # adapter's 516 tensors: ~130 ms per put and per get, against ~25 ms and <1 ms plus one copy).
+        layout, flat = _flatten(self.tensors)
+        return _rebuild, (self.version, self.digest, self.nbytes, layout, flat)
+
+
+def _flatten(tensors: Mapping[str, Tensor]) -> tuple[list[tuple[str, str, tuple[int, ...], int]], np.ndarray]:
+    """All tensors' bytes in one uint8 array ``[total]``; layout rows are (name, dtype, shape, byte offset)."""
+    layout, offset = [], 0
+    for name, tensor in tensors.items():
+        offset = -(-offset // _ALIGN) * _ALIGN
+        layout.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset))
+        offset += tensor.numel() * tensor.element_size()
+    flat = np.empty(offset, dtype=np.uint8)
+    for (_, _, _, start), tensor in zip(layout, tensors.values(), strict=True):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        flat[start : start + data.size] = data
+    return layout, flat
+
+
+def _rebuild(
+    version: int, digest_hex: str, nbytes: int, layout: list[tuple[str, str, tuple[int, ...], int]], flat: np.ndarray
+) -> AdapterWeights:
+    """Inverse of :func:`_flatten`: tensors are views into one private, writable copy of ``flat``."""
+    data = torch.from_numpy(np.array(flat, copy=True))  # Ray hands out read-only object-store memory
+    tensors = {}
+    for name, dtype_name, shape, start in layout:
+        dtype = getattr(torch, dtype_name)
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        tensors[name] = data[start : start + size].view(dtype).reshape(shape)
+    return AdapterWeights(version=version, digest=digest_hex, nbytes=nbytes, tensors=tensors)
 
 
 def digest(state: Mapping[str, Tensor]) -> str:
@@ -70,5 +106,7 @@ def apply_to(unet: nn.Module, weights: AdapterWeights) -> None:
     Names and shapes are checked by ``load_adapter_state_dict`` before anything
     is written, so a bad adapter leaves the UNet unchanged.
     """
+    from common.weights import load_adapter_state_dict  # diffusers import (~20 s cold) only where a UNet is
+
     verify(weights)
     load_adapter_state_dict(unet, weights.tensors)

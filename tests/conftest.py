@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups otherwise hang ~50 s with no network
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,3 +24,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole test run (``ray.init`` costs ~7 s)."""
+    import ray
+
+    # Workers must import this repository wherever pytest was started from.
+    pythonpath = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=8,  # logical slots: the end-to-end test runs 2 rollout + 2 reward + 2 learner actors
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

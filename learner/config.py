@@ -1,0 +1,77 @@
+"""Configs of the learner: the optimisation (one rank) and the pool of ranks (Ray resources).
+
+SPEC section 5 fixes the optimiser: AdamW (betas 0.9/0.999, weight decay 1e-2,
+eps 1e-8), lr 5e-5 constant, gradient clipping at 1.0, fp16 mixed precision on
+8 GPUs.  The defaults here are those values, except ``zero_stage`` and
+``precision``, which default to what runs on a CPU-only machine (the paper
+config sets ``zero_stage: 2`` and ``precision: fp16``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from learner.gdpo_loss import GDPOLossConfig
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """How one learner rank optimises the ``gdpo`` adapter."""
+
+    lr: float = 5e-5  # constant, no schedule (SPEC section 5)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global L2 norm; 0 turns clipping off
+    zero_stage: int = 0  # 0 on the tiny model; 2 on the paper's 8 GPUs
+    precision: Precision = "fp32"
+    micro_batch_groups: int = 1  # groups per rank per forward; bounds activation memory
+    push_every: int = 1  # steps between adapter pushes to the rollout workers
+    checkpoint_every: int = 100  # steps between checkpoints; 0 = only when asked
+    seed: int = 0  # with a group's seed and the step, fixes the loss noise e_i
+    loss: GDPOLossConfig = field(default_factory=GDPOLossConfig)
+
+    def __post_init__(self) -> None:
+        _positive(lr=self.lr, eps=self.eps, micro_batch_groups=self.micro_batch_groups, push_every=self.push_every)
+        _non_negative(
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+        )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerPoolConfig:
+    """How many learner ranks Ray starts, and what each one reserves."""
+
+    num_ranks: int = 1  # data-parallel world size
+    num_cpus: float = 1.0  # per rank
+    num_gpus: float = 0.0  # per rank; 0 = CPU ranks (gloo), else NCCL
+
+    def __post_init__(self) -> None:
+        _positive(num_ranks=self.num_ranks, num_cpus=self.num_cpus)
+        _non_negative(num_gpus=self.num_gpus)
+        if 0 < self.num_gpus < 1:
+            raise ValueError(f"num_gpus must be 0 or at least 1 (a rank owns whole GPUs), got {self.num_gpus}")
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")

@@ -1,0 +1,288 @@
+"""One data-parallel learner rank: the GDPO update of SPEC section 5 under DeepSpeed.
+
+This is the only module of the repository that imports DeepSpeed.  A
+:class:`LearnerRank` owns the policy UNet (the reference is the same UNet with
+its adapter off), a DeepSpeed engine over the LoRA parameters only, and the
+rank's place in the ``torch.distributed`` group.  It is a plain class, so tests
+drive it without Ray; :mod:`learner.group` hosts one per Ray actor.
+
+One ``train_step`` is one optimiser step on the global batch: each rank gets an
+equal shard of the groups, splits it into micro-batches of
+``micro_batch_groups`` groups, scales each micro-batch loss by its share of the
+shard, and lets DeepSpeed average the gradients over ranks at the (manually
+set) accumulation boundary.  The result is the gradient of the mean loss over
+all groups of the batch, whatever the world size and micro-batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from common.adapter_sync import AdapterWeights, digest, pack
+from common.naosd import ModelConfig, lora_parameters
+from common.records import decode_rewards, decode_rollout
+from common.weights import ADAPTER_CONFIG, adapter_state_dict, build_policy_unet, save_adapter
+from learner.config import LearnerConfig
+from learner.gdpo_loss import gdpo_loss
+
+ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: safetensors + JSON (common.weights format)
+DEEPSPEED_DIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed's engine and optimizer state
+_CLIENT_KEY = "gdpo_client_state"  # our key inside DeepSpeed's client state, clear of DeepSpeed's own keys
+_MEAN_STATS = ("loss", "inside_mean", "policy_mse", "reference_mse")  # per-group means over the shard
+
+
+def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``config``.
+
+    ``gradient_accumulation_steps`` is 1 because the number of micro-batches
+    per step follows the batch that arrives; :meth:`LearnerRank.train_step`
+    marks the accumulation boundary itself and scales the losses.
+    """
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_groups,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        # memory_efficient_linear (ZeRO-3) would replace torch.nn.functional.linear for the whole
+        # process and never restore it, changing every other model's arithmetic there.
+        "zero_optimization": {"stage": config.zero_stage, "memory_efficient_linear": False},
+        # A torch AdamW runs everywhere without building DeepSpeed's FusedAdam op;
+        # ZeRO refuses it unless told it is allowed.
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if config.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic loss scale
+    elif config.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def loss_noise(seed: int, group_seeds: np.ndarray, step: int, shape: tuple[int, ...]) -> Tensor:
+    """The fresh ``e_i`` of SPEC section 5 for each group: ``[n, *shape]`` float32 on CPU.
+
+    Drawn from (learner seed, the group's own seed, step) only, so a group gets
+    the same noise on whichever rank and in whichever micro-batch it lands,
+    and a resumed run draws what the uninterrupted one would have drawn.
+    """
+    noises = []
+    for group_seed in np.asarray(group_seeds, dtype=np.int64):
+        # SeedSequence mixes the three keys; group seeds may be negative int64, hence the modulo.
+        words = np.random.SeedSequence([seed, int(group_seed) % 2**64, step]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+        noises.append(torch.randn(shape, generator=generator))
+    return torch.stack(noises)
+
+
+class LearnerRank:
+    """One rank of the learner: policy UNet + DeepSpeed engine + process-group membership."""
+
+    def __init__(  # noqa: PLR0917 - the positional signature is the documented contract
+        self,
+        model_config: ModelConfig,
+        learner_config: LearnerConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+    ) -> None:
+        """Join the process group (blocks until all ``world_size`` ranks join) and build the engine."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.config, self.rank, self.world_size = learner_config, rank, world_size
+        _init_distributed(rank, world_size, master_addr, master_port)
+        torch.manual_seed(learner_config.seed)  # the LoRA init (DeepSpeed then broadcasts rank 0's anyway)
+        unet, alphas_cumprod = build_policy_unet(model_config)
+        params = list(lora_parameters(unet).values())
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=learner_config.lr,
+            betas=learner_config.betas,
+            eps=learner_config.eps,
+            weight_decay=learner_config.weight_decay,
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(learner_config)
+        )
+        self.engine.train()
+        self.alphas_cumprod = alphas_cumprod.to(self.engine.device)  # [1000]
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The policy UNet (DeepSpeed's module; with the adapter off it is the reference)."""
+        return self.engine.module
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken (restored by :meth:`load_checkpoint`)."""
+        return int(self.engine.global_steps)
+
+    def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        """One optimiser step on this rank's shard of a scored batch; returns this rank's stats.
+
+        Every rank of the group must call this with a shard of the same size
+        (DeepSpeed averages gradients over ranks, which equals the full-batch
+        mean only when the shards are equal).
+        """
+        latents, noise, text_emb, advantages = self._shard_tensors(batch)
+        n, size = advantages.shape[0], self.config.micro_batch_groups
+        sums = dict.fromkeys(_MEAN_STATS, 0.0)
+        for start in range(0, n, size):
+            part = slice(start, start + size)
+            self.engine.set_gradient_accumulation_boundary(start + size >= n)
+            micro = self._micro_step(latents[part], noise[part], text_emb[part], advantages[part], shard_size=n)
+            for key, value in micro.items():
+                sums[key] += value
+        grad_norm = self._step()
+        return {
+            **{key: value / n for key, value in sums.items()},
+            "grad_norm": grad_norm,
+            "step": float(self.step),
+            "num_groups": float(n),
+            "step_applied": float(self.engine.was_step_applied()),
+        }
+
+    def _shard_tensors(self, batch: pa.RecordBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """latents ``[n, G, 4, h, w]``, loss noise (same shape), text ``[n, L, D]``, advantages ``[n, G]``; CPU."""
+        groups, rewards = decode_rollout(batch), decode_rewards(batch)
+        if groups.num_groups == 0:
+            raise ValueError("train_step needs at least one group")
+        latents = torch.tensor(groups.latents, dtype=torch.float32)  # a copy: Arrow buffers are read-only
+        noise = loss_noise(self.config.seed, groups.seed, self.step, tuple(latents.shape[1:]))
+        text_emb = torch.tensor(groups.text_emb, dtype=torch.float32)
+        return latents, noise, text_emb, torch.tensor(rewards.advantage, dtype=torch.float32)
+
+    def _micro_step(
+        self, latents: Tensor, noise: Tensor, text_emb: Tensor, advantages: Tensor, *, shard_size: int
+    ) -> dict[str, float]:
+        """Forward + backward of ``k`` groups (shapes as in :meth:`_shard_tensors`); returns stat sums over them."""
+        device, k = self.engine.device, advantages.shape[0]
+        out = gdpo_loss(
+            # The engine, not engine.module: DeepSpeed does its ZeRO micro-step bookkeeping in
+            # engine.forward; calling the module directly made ZeRO-3 keep only the last
+            # micro-batch's gradient.  The engine forwards disable_adapters() to the UNet.
+            self.engine,
+            latents=latents.to(device),
+            noise=noise.to(device),
+            text_emb=text_emb.to(device),
+            advantages=advantages.to(device),
+            alphas_cumprod=self.alphas_cumprod,
+            config=self.config.loss,
+        )
+        # Weighted by the micro-batch's share, the accumulated gradient is that of the shard mean.
+        self.engine.backward(out.loss * (k / shard_size))
+        return {
+            "loss": float(out.loss.detach()) * k,
+            "inside_mean": float(out.inside.sum()),
+            "policy_mse": float(out.policy_mse.mean(dim=1).sum()),
+            "reference_mse": float(out.reference_mse.mean(dim=1).sum()),
+        }
+
+    def _step(self) -> float:
+        """``engine.step()``; returns the global gradient norm before clipping."""
+        # ZeRO and DeepSpeed's fp16/bf16 optimisers report the norm; a plain torch
+        # optimizer at stage 0 does not, so measure the (already all-reduced) grads.
+        own = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._lora_grad_norm()
+        self.engine.step()
+        reported = self.engine.get_global_grad_norm()
+        return float(own if reported is None else reported)
+
+    def _lora_grad_norm(self) -> float:
+        grads = [p.grad.detach().float().reshape(-1) for p in lora_parameters(self.unet).values() if p.grad is not None]
+        return float(torch.cat(grads).norm()) if grads else 0.0
+
+    @contextlib.contextmanager
+    def _full_adapter(self) -> Iterator[None]:
+        """Under ZeRO-3 the LoRA tensors are partitioned: gather them (a collective) while inside."""
+        if self.config.zero_stage == 3:
+            params = list(lora_parameters(self.unet).values())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def adapter_weights(self, version: int | None = None) -> AdapterWeights:
+        """The current adapter as CPU float32 tensors; ``version`` defaults to :attr:`step`.
+
+        A collective under ZeRO-3: call it on every rank.
+        """
+        with self._full_adapter():
+            state = adapter_state_dict(self.unet)
+        return pack(self.step if version is None else version, state)
+
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
+        """Write ``<directory>/adapter`` (rank 0) and DeepSpeed's state (every rank; a collective).
+
+        ``client_state`` (data position, RNG states, ...) comes back from
+        :meth:`load_checkpoint`; it is pickled by DeepSpeed, so keep it to plain
+        Python/numpy/torch values.  ``directory`` must be shared by all ranks.
+        """
+        directory = Path(directory)
+        with self._full_adapter():  # a collective under ZeRO-3: every rank enters, rank 0 writes
+            if self.rank == 0:
+                extra = {"step": self.step, "digest": digest(adapter_state_dict(self.unet))}
+                save_adapter(self.unet, directory / ADAPTER_DIR, extra=extra)
+        self.engine.save_checkpoint(
+            str(directory / DEEPSPEED_DIR),
+            tag=f"step{self.step:08d}",
+            client_state={_CLIENT_KEY: dict(client_state)},
+            exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source, not checkpointed
+        )
+        return directory
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Resume from :meth:`save_checkpoint`: adapter, optimizer state and step; returns the client state."""
+        directory = Path(directory)
+        meta_path = directory / ADAPTER_DIR / ADAPTER_CONFIG
+        if not meta_path.is_file():
+            raise ValueError(f"{directory} is not a learner checkpoint: {meta_path} is missing")
+        path, states = self.engine.load_checkpoint(
+            str(directory / DEEPSPEED_DIR),
+            load_module_strict=False,  # the frozen base was excluded on save
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise ValueError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
+        meta = json.loads(meta_path.read_text())
+        weights = self.adapter_weights()
+        # A non-strict load would skip a LoRA tensor silently; the adapter digest catches that.
+        if meta.get("step") != self.step or meta.get("digest") != weights.digest:
+            raise ValueError(
+                f"checkpoint {directory}: DeepSpeed state (step {self.step}, digest {weights.digest[:12]}) does not "
+                f"match the saved adapter (step {meta.get('step')}, digest {str(meta.get('digest'))[:12]})"
+            )
+        return dict((states or {}).get(_CLIENT_KEY, {}))
+
+
+def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join the ``torch.distributed`` group: gloo on CPU, NCCL on CUDA (one rank per process)."""
+    if dist.is_initialized():
+        # A second LearnerRank in the same process (tests) reuses the group it already joined.
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise ValueError(
+                f"this process is already rank {dist.get_rank()} of {dist.get_world_size()}; "
+                f"cannot become rank {rank} of {world_size}"
+            )
+        return
+    # One rank per process, and under Ray a rank sees only its own GPU, hence LOCAL_RANK 0.
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)

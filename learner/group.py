@@ -1,0 +1,235 @@
+"""The learner as a group of Ray actors, one :class:`~learner.engine.LearnerRank` each.
+
+``LearnerGroup`` reserves a placement group (all ranks on one node when one
+node can hold them), starts the rank actors, has them form one
+``torch.distributed`` group, and then drives them in lock-step: every global
+batch is split evenly over the ranks, every checkpoint is written by all of
+them.  Rank 0's adapter is what the rollout workers receive: it is put into
+the object store once and every worker's ``set_adapter`` reads that one object.
+
+The driver never imports DeepSpeed: the actors import :mod:`learner.engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from common.adapter_sync import AdapterWeights
+from common.naosd import ModelConfig
+from learner.config import LearnerConfig, LearnerPoolConfig
+
+_MEAN_STATS = ("loss", "inside_mean", "policy_mse", "reference_mse")  # per-rank means over equal shards
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What one adapter push cost."""
+
+    version: int
+    digest: str
+    nbytes: int  # adapter tensor bytes
+    num_actors: int
+    fetch_seconds: float  # rank 0 -> driver (0 when the caller already held the weights)
+    seconds: float  # ray.put + every actor's set_adapter acknowledged
+
+
+class _RankHost:
+    """Body of a rank actor: builds its LearnerRank in :meth:`setup`, then forwards calls.
+
+    Building in ``setup`` rather than ``__init__`` lets the group learn rank 0's
+    free port first, then start every rank's (blocking) join concurrently.
+    """
+
+    def __init__(self) -> None:
+        self._rank: Any = None
+
+    def free_port(self, host: str) -> int:
+        """A TCP port that is free on this actor's node right now (for the rendezvous)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return int(sock.getsockname()[1])
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def setup(
+        self, model_config: ModelConfig, learner_config: LearnerConfig, *, rank: int, world: int, addr: str, port: int
+    ) -> None:
+        from learner.engine import LearnerRank  # DeepSpeed is imported in the actor only
+
+        self._rank = LearnerRank(model_config, learner_config, rank, world, addr, port)
+
+    def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        return self._rank.train_step(batch)
+
+    def adapter_weights(self, version: int | None) -> AdapterWeights:
+        return self._rank.adapter_weights(version)
+
+    def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
+        self._rank.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        return self._rank.load_checkpoint(directory)
+
+
+class LearnerGroup:
+    """``pool_config.num_ranks`` data-parallel learner ranks as Ray actors."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        learner_config: LearnerConfig,
+        pool_config: LearnerPoolConfig,
+        *,
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        """Reserve resources, start the ranks and form the process group (blocks until it is formed)."""
+        self._config, self._pool = learner_config, pool_config
+        self._pg: PlacementGroup | None = None
+        self._ranks: list[Any] = []
+        try:
+            self._start(model_config, ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, model_config: ModelConfig, ready_timeout_s: float) -> None:
+        pool = self._pool
+        bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+        one_node = _fits_one_node(bundle, pool.num_ranks)
+        self._pg = placement_group([bundle] * pool.num_ranks, strategy="STRICT_PACK" if one_node else "PACK")
+        ray.get(self._pg.ready(), timeout=ready_timeout_s)
+        actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)(_RankHost)
+        # CPU ranks: keep DeepSpeed off any GPU the node may have (it would pick CUDA/NCCL).
+        runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if pool.num_gpus == 0 else {}
+        self._ranks = [
+            actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                runtime_env=runtime_env,
+            ).remote()
+            for i in range(pool.num_ranks)
+        ]
+        # One node: the rendezvous stays on loopback; several nodes need rank 0's address.
+        addr = "127.0.0.1" if one_node else ray.get(self._ranks[0].node_ip.remote())
+        port = ray.get(self._ranks[0].free_port.remote(addr))
+        world = pool.num_ranks
+        # Concurrently: each rank's join blocks until all ``world`` ranks have joined.
+        setups = [
+            r.setup.remote(model_config, self._config, rank=i, world=world, addr=addr, port=port)
+            for i, r in enumerate(self._ranks)
+        ]
+        ray.get(setups, timeout=ready_timeout_s)
+
+    @property
+    def world_size(self) -> int:
+        return len(self._ranks)
+
+    def step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        """One optimiser step on a scored global batch of ``N`` groups; ``N`` must divide evenly over the ranks."""
+        n, world = batch.num_rows, self.world_size
+        if n == 0 or n % world:
+            raise ValueError(f"a batch of {n} groups does not split evenly over {world} learner ranks")
+        per = n // world
+        # take() copies the rows out; a slice() would pickle the whole parent buffers to every rank.
+        shards = [batch.take(pa.array(np.arange(i * per, (i + 1) * per))) for i in range(world)]
+        stats = ray.get([r.train_step.remote(s) for r, s in zip(self._ranks, shards, strict=True)])
+        return _aggregate(stats)
+
+    def adapter_weights(self, version: int | None = None) -> AdapterWeights:
+        """Rank 0's adapter (every rank takes part under ZeRO-3, where gathering it is a collective)."""
+        ranks = self._ranks if self._config.zero_stage == 3 else self._ranks[:1]
+        refs = [r.adapter_weights.remote(version) for r in ranks]
+        weights = ray.get(refs[0])
+        ray.get(refs[1:])
+        return weights
+
+    def push(self, rollout_actors: Sequence[Any], version: int) -> PushResult:
+        """Send rank 0's adapter, labelled ``version``, to every rollout actor's ``set_adapter``."""
+        start = time.perf_counter()
+        weights = self.adapter_weights(version)
+        fetched = time.perf_counter() - start
+        result = push_weights(weights, rollout_actors)
+        return dataclasses.replace(result, fetch_seconds=fetched)
+
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
+        """Every rank writes its DeepSpeed state (rank 0 also the adapter) under a shared ``directory``."""
+        ray.get([r.save_checkpoint.remote(str(directory), client_state) for r in self._ranks])
+        return Path(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Every rank resumes from ``directory``; returns the client state saved with it."""
+        states = ray.get([r.load_checkpoint.remote(str(directory)) for r in self._ranks])
+        return states[0]
+
+    def shutdown(self) -> None:
+        """Kill the rank actors and release their placement group (safe to call twice)."""
+        for actor in self._ranks:
+            ray.kill(actor)
+        self._ranks = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def __enter__(self) -> LearnerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def push_weights(weights: AdapterWeights, rollout_actors: Sequence[Any]) -> PushResult:
+    """``ray.put`` the adapter once and hand the same object to every actor's ``set_adapter``.
+
+    Ray resolves the reference before the call runs, so ``set_adapter``
+    receives the :class:`AdapterWeights` itself (and should call
+    :func:`common.adapter_sync.apply_to`).  Returns when every actor has
+    acknowledged.
+    """
+    start = time.perf_counter()
+    ref = ray.put(weights)  # one copy in the object store, read by every actor
+    ray.get([actor.set_adapter.remote(ref) for actor in rollout_actors])
+    return PushResult(
+        version=weights.version,
+        digest=weights.digest,
+        nbytes=weights.nbytes,
+        num_actors=len(rollout_actors),
+        fetch_seconds=0.0,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _fits_one_node(bundle: dict[str, float], count: int) -> bool:
+    """Whether some live node has the resources of ``count`` bundles in total (STRICT_PACK can succeed)."""
+    for node in ray.nodes():
+        have = node.get("Resources", {})
+        if node.get("Alive") and all(have.get(k, 0.0) >= v * count for k, v in bundle.items()):
+            return True
+    return False
+
+
+def _aggregate(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Global stats from the ranks' stats (equal shards, so means of means are the batch means)."""
+    steps = {s["step"] for s in stats}
+    if len(steps) != 1:
+        raise RuntimeError(f"learner ranks disagree on the step counter: {sorted(steps)}")
+    out = {key: sum(s[key] for s in stats) / len(stats) for key in _MEAN_STATS}
+    out.update(
+        grad_norm=stats[0]["grad_norm"],  # already global: the norm of the all-reduced gradient
+        step=stats[0]["step"],
+        num_groups=sum(s["num_groups"] for s in stats),
+        step_applied=min(s["step_applied"] for s in stats),
+        world_size=float(len(stats)),
+    )
+    return out

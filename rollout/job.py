@@ -1,0 +1,78 @@
+"""The job: every component's config side by side, as one file describes a run.
+
+Only the driver holds a :class:`JobConfig`; each component is handed its own
+section (``job.model``, ``job.rollout``, ...), never the whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.config import from_mapping, load_mapping
+from common.naosd import ModelConfig
+from common.telemetry import MetricsConfig
+from learner.config import LearnerConfig, LearnerPoolConfig
+from reward_service.config import RewardConfig, RewardPoolConfig
+from rollout.data import DataConfig
+from rollout.worker import RolloutConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutPoolConfig:
+    num_workers: int = 1
+    num_cpus: float = 1.0  # per worker
+    num_gpus: float = 0.0  # per worker; fractions share a GPU between workers
+    max_restarts: int = 3  # replacements per worker slot before the run fails
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.num_cpus <= 0 or self.num_gpus < 0 or self.max_restarts < 0:
+            raise ValueError("num_workers >= 1, num_cpus > 0, num_gpus >= 0 and max_restarts >= 0 are required")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Pool sizes and per-worker resources; each pool scales on its own."""
+
+    rollout: RolloutPoolConfig = field(default_factory=RolloutPoolConfig)
+    reward: RewardPoolConfig = field(default_factory=RewardPoolConfig)
+    learner: LearnerPoolConfig = field(default_factory=LearnerPoolConfig)
+    ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    steps: int = 4
+    groups_per_step: int = 2  # images per optimizer step, across all learner ranks (paper: 8)
+    output_dir: str = "runs/dry-run"
+    resume: bool = True  # continue from output_dir/checkpoint when it exists
+    log_every: int = 1
+    sample_grid: bool = True  # write LR | samples with rewards | HR at the end
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.groups_per_step < 1 or self.log_every < 1:
+            raise ValueError("steps >= 0, groups_per_step >= 1 and log_every >= 1 are required")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        ranks = self.cluster.learner.num_ranks
+        if self.run.groups_per_step % ranks:
+            raise ValueError(
+                f"run.groups_per_step={self.run.groups_per_step} must divide evenly over {ranks} learner ranks"
+            )
+
+
+def load_job(source: str, overrides: Sequence[str] = ()) -> JobConfig:
+    """A shipped config name (``tiny``, ``paper``) or a YAML/TOML file, plus ``a.b=value`` overrides."""
+    return from_mapping(JobConfig, load_mapping(source, overrides))

@@ -1,0 +1,114 @@
+"""LearnerGroup on Ray: 2 ranks step like 1 rank, pushes reach every rollout actor, checkpoints resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import ray
+import torch
+
+from common.adapter_sync import AdapterWeights, digest, verify
+from common.naosd import ModelConfig
+from learner.config import LearnerConfig, LearnerPoolConfig
+from learner.engine import LearnerRank
+from learner.group import LearnerGroup
+
+
+def _dummy_rollout_class() -> type:
+    """A rollout actor stand-in: checks and keeps what it is sent (torch-only imports, starts in ~3 s).
+
+    Defined in a function so that Ray pickles the class by value: workers cannot import test modules.
+    """
+
+    class DummyRollout:
+        def __init__(self) -> None:
+            self.received: list[tuple[int, str, str]] = []
+
+        def set_adapter(self, weights: AdapterWeights) -> None:
+            verify(weights)  # what apply_to does before it copies into the UNet
+            self.received.append((weights.version, weights.digest, digest(weights.tensors)))
+
+        def get_received(self) -> list[tuple[int, str, str]]:
+            return self.received
+
+    return DummyRollout
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ray_session) -> Iterator[LearnerGroup]:
+    """2 ZeRO-2 ranks splitting each rank's 2 groups into one micro-batch of 2."""
+    config = LearnerConfig(micro_batch_groups=2, zero_stage=2)
+    with LearnerGroup(ModelConfig(), config, LearnerPoolConfig(num_ranks=2)) as group:
+        yield group
+
+
+def _max_abs_diff(a: AdapterWeights, b: AdapterWeights) -> float:
+    assert a.tensors.keys() == b.tensors.keys()
+    return max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded, like the rank actors (Ray sets OMP_NUM_THREADS=num_cpus=1).
+
+    The thread count changes how CPU kernels split their sums; Adam then magnifies that rounding
+    for coordinates whose clipped gradient is ~eps. Same threads, same arithmetic.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_ranks_step_like_one(two_ranks, scored_batch, free_port, one_thread):
+    # The 1-rank reference runs in this process, 2 micro-batches of 2 groups under ZeRO-0.
+    one = LearnerRank(ModelConfig(), LearnerConfig(micro_batch_groups=2), 0, 1, "127.0.0.1", free_port)
+    assert two_ranks.world_size == 2
+    for seed in (1, 2):  # two steps: the second one also exercises Adam's moments
+        batch = scored_batch(n=4, g=3, seed=seed)
+        stats_one, stats_two = one.train_step(batch), two_ranks.step(batch)
+        assert stats_two["step"] == stats_one["step"] == seed
+        assert stats_two["num_groups"] == 4 and stats_two["world_size"] == 2
+        assert stats_two["grad_norm"] == pytest.approx(stats_one["grad_norm"], rel=1e-5)
+        # omega = 5000 amplifies float32 rounding in the loss itself; the adapters are the real check.
+        assert stats_two["loss"] == pytest.approx(stats_one["loss"], rel=1e-3)
+        assert _max_abs_diff(one.adapter_weights(), two_ranks.adapter_weights()) < 1e-6
+
+
+def test_uneven_batch_is_refused(two_ranks, scored_batch):
+    with pytest.raises(ValueError, match="does not split evenly"):
+        two_ranks.step(scored_batch(n=3))
+
+
+def test_push_delivers_one_version_to_every_rollout_actor(two_ranks):
+    actor_cls = ray.remote(num_cpus=0)(_dummy_rollout_class())
+    rollouts = [actor_cls.remote() for _ in range(2)]
+    try:
+        result = two_ranks.push(rollouts, version=7)
+        expected = two_ranks.adapter_weights(7)
+        assert (result.version, result.digest, result.nbytes) == (7, expected.digest, expected.nbytes)
+        assert result.num_actors == 2 and result.seconds > 0
+        received = ray.get([r.get_received.remote() for r in rollouts])
+        assert received == [[(7, expected.digest, expected.digest)]] * 2
+    finally:
+        for actor in rollouts:
+            ray.kill(actor)
+
+
+def test_checkpoint_resume_across_two_ranks(two_ranks, scored_batch, tmp_path):
+    two = two_ranks
+    two.step(scored_batch(seed=3))
+    two.save_checkpoint(tmp_path / "ckpt", {"data_position": 12})
+    saved = two.adapter_weights()
+    following = scored_batch(seed=4)
+    two.step(following)
+    uninterrupted = two.adapter_weights()
+    assert two.load_checkpoint(tmp_path / "ckpt") == {"data_position": 12}
+    assert two.adapter_weights().digest == saved.digest
+    two.step(following)
+    resumed = two.adapter_weights()
+    assert resumed.version == uninterrupted.version
+    assert all(torch.equal(resumed.tensors[k], uninterrupted.tensors[k]) for k in resumed.tensors)

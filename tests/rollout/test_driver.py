@@ -1,0 +1,122 @@
+"""The whole loop on CPU: 2 rollout, 2 reward and 2 learner actors; resume; a killed rollout actor; metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from rollout.driver import CHECKPOINT_DIR, train
+from rollout.job import load_job
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _job(tmp_path: Path, *overrides: str):
+    return load_job("tiny", [f"run.output_dir={tmp_path}", "run.steps=2", *overrides])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _adapter(out: Path) -> dict:
+    return load_file(str(next((out / CHECKPOINT_DIR).rglob("adapter_model.safetensors"))))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([-+0-9.e]+|NaN)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path):
+    port = _free_port()
+    job = _job(
+        tmp_path,
+        "run.steps=3",
+        "run.groups_per_step=2",
+        "cluster.rollout.num_workers=2",
+        "cluster.reward.num_workers=2",
+        "cluster.learner.num_ranks=2",
+        f"metrics.port={port}",
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train(job)))
+    thread.start()
+    scrapes = []
+    while thread.is_alive():
+        with contextlib.suppress(OSError):  # not serving yet, or already shut down
+            scrapes.append(_scrape(port))
+        time.sleep(0.5)
+    thread.join()
+    assert result["step"] == 3
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "samples.png").is_file()
+    assert _adapter(tmp_path)
+    steps = [s.get("gdpo_learner_step", 0) for s in scrapes]
+    assert max(steps) >= 2 and len(set(steps)) >= 2, "the step gauge did not move while scraped"
+    last = next(s for s in reversed(scrapes) if s.get("gdpo_learner_step", 0) == max(steps))
+    for name in (
+        "gdpo_groups_scored_total",
+        "gdpo_groups_consumed_total",
+        "gdpo_learner_step_seconds_count",
+        "gdpo_weight_push_seconds_count",
+        "gdpo_weight_push_bytes_total",
+        "gdpo_loss",
+        "gdpo_reward_mean",
+        "gdpo_learner_wait_fraction",
+    ):
+        assert name in last, name
+    assert last["gdpo_weight_push_bytes_total"] > 0 and last["gdpo_groups_consumed_total"] >= 4
+    generated = {k: v for k, v in last.items() if k.startswith("gdpo_groups_generated_total{")}
+    assert len(generated) == 2, "both rollout workers produced groups"
+    assert any(k.startswith('gdpo_queue_depth{stage="rollout"}') for k in last)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
+    straight = train(_job(tmp_path / "a", "run.steps=3", *common))
+    train(_job(tmp_path / "b", "run.steps=2", *common))
+    resumed = train(_job(tmp_path / "b", "run.steps=3", "run.resume=true", *common))
+    assert straight["step"] == resumed["step"] == 3
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:  # same data, same optimizer state: the same adapter after step 3
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
+    assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+
+
+def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path):
+    port = _free_port()
+    job = _job(tmp_path, "run.steps=4", "cluster.rollout.num_workers=2", f"metrics.port={port}")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train(job)))
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill mid-run: after the first optimizer step
+        try:
+            if _scrape(port).get("gdpo_learner_step", 0) >= 1:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    victims = [n for n in ray.util.list_named_actors() if n.startswith("gdpo-rollout1-")]
+    assert victims, "rollout actor not found"
+    ray.kill(ray.get_actor(victims[0]), no_restart=True)
+    thread.join()
+    assert result["step"] == 4
+    assert result["rollout_restarts"] >= 1
