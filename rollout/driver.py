@@ -62,7 +62,7 @@ def train(job: JobConfig) -> dict[str, float]:
     try:
         rollout = RolloutPool(job.model, job.rollout, job.data, job.cluster.rollout)
         pools.append(rollout)
-        reward = RewardPool(job.reward, job.cluster.reward)
+        reward = RewardPool(job.reward, job.cluster.reward, registry=telemetry.registry)  # its metrics served too
         pools.append(reward)
         learner = LearnerGroup(job.model, job.learner, job.cluster.learner)
         pools.append(learner)
@@ -108,6 +108,11 @@ def _train_loop(
             elapsed=time.perf_counter() - started,
         )
         summary["rollout_restarts"] = float(sum(rollout.restarts))
+        if step == 1:  # steady state: from the end of the first step (actors warm, DeepSpeed built)
+            first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
+        elif step > 1:
+            steady = (summary["samples"] - first_step_samples) / (time.perf_counter() - first_step_end)
+            summary["steady_samples_per_second"] = steady
         if step % job.run.log_every == 0:
             _print_progress(summary)
         if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0:
@@ -246,6 +251,7 @@ def _record(
     samples = step * groups.num_groups * groups.group_size
     summary = {
         "step": float(step),
+        "samples": float(samples),
         "loss": stats["loss"],
         "reward_mean": float(rewards.reward.mean()),
         "reward_std": float(rewards.reward.std(axis=1, ddof=1).mean()),

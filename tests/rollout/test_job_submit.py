@@ -1,0 +1,79 @@
+"""The dry run submitted as a real Ray job to a cluster of its own (``ray start --head`` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """A separate single-node cluster; `--block` ties its processes to ours, so killing it stops them all."""
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # the same for `ray start` and `ray job submit`
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray puts sockets under it
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp_dir}"],
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run(
+                ["ray", "job", "list", "--address", address], check=False, env=env, capture_output=True
+            )
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head did not come up")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_dry_run_submitted_with_ray_job_submit(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "job-run"
+    cmd = [
+        "ray", "job", "submit", "--address", address, "--runtime-env", "deploy/runtime_env.yaml", "--",
+        "python", "-m", "rollout", "--dry-run", "run.steps=2", f"run.output_dir={out}",
+    ]  # fmt: skip
+    job = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "step 2 |" in log
+    assert (out / "checkpoint").is_dir() and (out / "samples.png").is_file()
