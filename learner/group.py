@@ -138,14 +138,21 @@ class LearnerGroup:
 
     def step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One optimiser step on a scored global batch of ``N`` groups; ``N`` must divide evenly over the ranks."""
+        return self.finish_step(self.start_step(batch))
+
+    def start_step(self, batch: pa.RecordBatch) -> list[ray.ObjectRef]:
+        """Send every rank its shard and return at once (the driver keeps rollout and reward busy meanwhile)."""
         n, world = batch.num_rows, self.world_size
         if n == 0 or n % world:
             raise ValueError(f"a batch of {n} groups does not split evenly over {world} learner ranks")
         per = n // world
         # take() copies the rows out; a slice() would pickle the whole parent buffers to every rank.
         shards = [batch.take(pa.array(np.arange(i * per, (i + 1) * per))) for i in range(world)]
-        stats = ray.get([r.train_step.remote(s) for r, s in zip(self._ranks, shards, strict=True)])
-        return _aggregate(stats)
+        return [r.train_step.remote(s) for r, s in zip(self._ranks, shards, strict=True)]
+
+    def finish_step(self, pending: list[ray.ObjectRef]) -> dict[str, float]:
+        """Wait for the ranks of a :meth:`start_step` and return the step's global stats."""
+        return _aggregate(ray.get(pending))
 
     def adapter_weights(self, version: int | None = None) -> AdapterWeights:
         """Rank 0's adapter (every rank takes part under ZeRO-3, where gathering it is a collective)."""

@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from common.adapter_sync import AdapterWeights
 from common.config import save_config
 from common.records import REFERENCE_POLICY_VERSION, concat, decode_rewards, decode_rollout, select_rows
 from common.telemetry import Telemetry
@@ -81,36 +82,32 @@ def _train_loop(
         state = learner.load_checkpoint(out / CHECKPOINT_DIR)
         step, position = state["step"], DataPosition(**state["data"])
         print(f"resumed at step {step}, data index {position.next_index}", flush=True)
-    _push(learner, rollout, step, telemetry)
-    stream = _GroupStream(job, rollout, reward, telemetry, position)
+    pipeline = _Pipeline(job, rollout, reward, telemetry, position)
+    pipeline.push(learner.adapter_weights(step))
     summary: dict[str, float] = {}
-    started, waited, batch = time.perf_counter(), 0.0, None
+    started, waited, batch, first_step = time.perf_counter(), 0.0, None, step
     while step < job.run.steps:
+        # Rollout: wait for a step's worth of scored groups (the only time the learner idles).
         wait_start = time.perf_counter()
-        batch = stream.take(job.run.groups_per_step, learner_version=step, learner=learner)
+        batch = pipeline.take(job.run.groups_per_step, learner_version=step)
         wait = time.perf_counter() - wait_start
+        waited += wait
+        # Training: one optimizer step; rollout and reward keep working while it runs.
         step_start = time.perf_counter()
-        stats = learner.step(batch)
+        stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
         step_seconds = time.perf_counter() - step_start
         step += 1
-        position.pending = sorted(set(position.pending) - set(decode_rollout(batch).data_index.tolist()))
+        pipeline.forget(decode_rollout(batch).data_index.tolist())  # trained on: no longer pending
         if step % job.learner.push_every == 0:
-            _push(learner, rollout, step, telemetry)
-        waited += wait
+            pipeline.push(learner.adapter_weights(step))
         summary = _record(
-            telemetry,
-            batch,
-            stats,
-            step=step,
-            step_seconds=step_seconds,
-            wait=wait,
-            waited=waited,
-            elapsed=time.perf_counter() - started,
-        )
+            telemetry, batch, stats, step=step, run_steps=step - first_step, step_seconds=step_seconds,
+            wait=wait, waited=waited, elapsed=time.perf_counter() - started,
+        )  # fmt: skip
         summary["rollout_restarts"] = float(sum(rollout.restarts))
-        if step == 1:  # steady state: from the end of the first step (actors warm, DeepSpeed built)
+        if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
             first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
-        elif step > 1:
+        else:
             steady = (summary["samples"] - first_step_samples) / (time.perf_counter() - first_step_end)
             summary["steady_samples_per_second"] = steady
         if step % job.run.log_every == 0:
@@ -123,113 +120,157 @@ def _train_loop(
     return summary
 
 
-class _GroupStream:
-    """Rollout calls in flight -> reward pool -> scored groups ready for the learner."""
+class _Pipeline:
+    """Rollout calls in flight -> reward pool -> scored groups ready for the learner.
+
+    A bounded queue: at most ``groups_per_step`` plus every worker's
+    ``max_inflight_per_worker`` calls' worth of groups are anywhere between
+    sampling and training, so sampling never runs unboundedly ahead.
+    """
+
+    POLL_S = 0.02
 
     def __init__(
         self, job: JobConfig, rollout: RolloutPool, reward: RewardPool, telemetry: Telemetry, position: DataPosition
     ) -> None:
         self.job, self.rollout, self.reward, self.telemetry, self.position = job, rollout, reward, telemetry, position
+        cfg = job.rollout
+        self.capacity = job.run.groups_per_step + len(rollout) * cfg.max_inflight_per_worker * cfg.groups_per_call
         self.reissue: deque[int] = deque(position.pending)  # resumed: these go out first
         # rollout call -> (worker slot, that slot's restart count when issued, data indices)
         self.calls: dict[ray.ObjectRef, tuple[int, int, list[int]]] = {}
         self.scoring: dict[int, dict[str, int]] = {}  # reward ticket -> {group_id: data index}
         self.ready: list[pa.RecordBatch] = []
+        self.weights: AdapterWeights | None = None  # the latest pushed adapter
+        self.acks: dict[ray.ObjectRef, tuple[int, int]] = {}  # set_adapter call -> (slot, restart count)
+        self.push_started = 0.0
 
-    def take(self, count: int, *, learner_version: int, learner: LearnerGroup) -> pa.RecordBatch:
+    # --- what the loop calls -------------------------------------------------------------------
+
+    def take(self, count: int, *, learner_version: int) -> pa.RecordBatch:
         """The next ``count`` scored groups (blocks, keeping every stage busy meanwhile)."""
-        while sum(b.num_rows for b in self.ready) < count:
-            self._issue(learner_version)
-            self._collect_rollouts(learner, learner_version)
-            self._collect_scores(learner_version)
+        while self._ready_groups() < count:
+            self._pump(learner_version)
         batch = concat(self.ready)
         self.ready = [batch.slice(count)] if batch.num_rows > count else []
         return batch.slice(0, count)
 
+    def run_until(self, pending: list[ray.ObjectRef], *, learner_version: int) -> list[ray.ObjectRef]:
+        """Keep sampling and scoring until the learner's ``pending`` calls are done."""
+        while len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) < len(pending):
+            self._pump(learner_version)
+        return pending
+
+    def push(self, weights: AdapterWeights) -> None:
+        """Send an adapter to every worker without waiting: a worker applies it before its next call."""
+        self.weights, self.push_started = weights, time.perf_counter()
+        ref = ray.put(weights)  # one copy in the object store, read by every worker
+        for slot, ack in enumerate(self.rollout.push(ref)):
+            self.acks[ack] = (slot, self.rollout.restarts[slot])
+        self.telemetry.push_bytes.inc(weights.nbytes * len(self.rollout))
+
+    def forget(self, indices: list[int]) -> None:
+        """Data indices trained on or dropped: no longer pending for a resume."""
+        if indices:
+            self.position.pending = sorted(set(self.position.pending) - set(indices))
+
+    # --- one turn of the crank -----------------------------------------------------------------
+
+    def _pump(self, learner_version: int) -> None:
+        self._issue(learner_version)
+        waitable = [*self.calls, *self.acks]
+        done = ray.wait(waitable, num_returns=len(waitable), timeout=self.POLL_S)[0] if waitable else []
+        for ref in done:
+            if ref in self.calls:
+                self._on_rollout(ref)
+            else:
+                self._on_ack(ref)
+        self._on_scores(learner_version)
+        t = self.telemetry
+        t.queue_depth.labels(stage="rollout").set(len(self.calls))
+        t.queue_depth.labels(stage="reward").set(self.reward.num_pending)
+        t.queue_depth.labels(stage="ready").set(self._ready_groups())
+
     def _issue(self, learner_version: int) -> None:
-        rollout, per_call = self.job.rollout, self.job.rollout.groups_per_call
-        min_version = max(0, learner_version - rollout.max_staleness)
+        cfg = self.job.rollout
+        min_version = max(0, learner_version - cfg.max_staleness)
         for slot in range(len(self.rollout)):
-            while sum(1 for s, *_ in self.calls.values() if s == slot) < rollout.max_inflight_per_worker:
-                indices = [self.reissue.popleft() for _ in range(min(per_call, len(self.reissue)))]
-                while len(indices) < per_call:
+            while (
+                sum(1 for s, *_ in self.calls.values() if s == slot) < cfg.max_inflight_per_worker
+                and self._groups_in_flight() + cfg.groups_per_call <= self.capacity
+            ):
+                indices = [self.reissue.popleft() for _ in range(min(cfg.groups_per_call, len(self.reissue)))]
+                while len(indices) < cfg.groups_per_call:
                     indices.append(self.position.next_index)
                     self.position.pending.append(self.position.next_index)
                     self.position.next_index += 1
                 call = self.rollout.generate(slot, indices, min_version)
                 self.calls[call] = (slot, self.rollout.restarts[slot], indices)
-        self.telemetry.queue_depth.labels(stage="rollout").set(len(self.calls))
 
-    def _collect_rollouts(self, learner: LearnerGroup, learner_version: int) -> None:
-        done, _ = ray.wait(list(self.calls), num_returns=1, timeout=0.05)
-        for ref in done:
-            slot, generation, indices = self.calls.pop(ref)
-            try:
-                batch = ray.get(ref)
-            except (RayActorError, RayTaskError) as err:
-                # Dead worker, or (policy mode) one whose weights are too old: replace it with a fresh
-                # worker holding the current adapter (unless that already happened), re-issue its groups.
-                if generation == self.rollout.restarts[slot]:
-                    print(f"rollout{slot} failed ({type(err).__name__}); replacing it", flush=True)
-                    self.rollout.replace(slot, learner.adapter_weights(learner_version))
-                    self.telemetry.worker_restarts.labels(pool="rollout").inc()
-                self.reissue.extendleft(reversed(indices))
-                continue
-            groups = decode_rollout(batch)
-            self.telemetry.groups_generated.labels(worker=f"rollout{slot}").inc(batch.num_rows)
-            for seconds in groups.generate_seconds:
-                self.telemetry.rollout_seconds.observe(seconds)
-            self.scoring[self.reward.submit(batch)] = dict(
-                zip(groups.group_id, groups.data_index.tolist(), strict=True)
-            )
-        self.telemetry.queue_depth.labels(stage="reward").set(self.reward.num_pending)
+    def _on_rollout(self, ref: ray.ObjectRef) -> None:
+        slot, generation, indices = self.calls.pop(ref)
+        try:
+            batch = ray.get(ref)
+        except (RayActorError, RayTaskError) as err:
+            # A dead worker, or (policy mode) one whose weights are too old: a fresh worker with the
+            # latest adapter takes the slot (unless that already happened) and the groups go out again.
+            self._replace(slot, generation, err)
+            self.reissue.extendleft(reversed(indices))
+            return
+        groups = decode_rollout(batch)
+        self.telemetry.groups_generated.labels(worker=f"rollout{slot}").inc(batch.num_rows)
+        for seconds in groups.generate_seconds:
+            self.telemetry.rollout_seconds.observe(seconds)
+        ticket = self.reward.submit(batch)
+        self.scoring[ticket] = dict(zip(groups.group_id, groups.data_index.tolist(), strict=True))
 
-    def _collect_scores(self, learner_version: int) -> None:
-        for result in self.reward.poll(timeout=0.0 if self.calls else 0.05):
+    def _on_ack(self, ref: ray.ObjectRef) -> None:
+        slot, generation = self.acks.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as err:
+            self._replace(slot, generation, err)
+        if not self.acks:  # every worker holds the new version
+            self.telemetry.push_seconds.observe(time.perf_counter() - self.push_started)
+
+    def _on_scores(self, learner_version: int) -> None:
+        for result in self.reward.poll(timeout=0.0 if self.calls else self.POLL_S):
             index_of, stats = self.scoring.pop(result.ticket), result.stats
             self.telemetry.groups_scored.inc(stats.groups_scored)
             self.telemetry.groups_dropped.labels(reason="nonfinite").inc(stats.nonfinite_groups)
             self.telemetry.groups_dropped.labels(reason="filtered").inc(stats.filtered_groups)
-            self._forget([index_of[g] for g in stats.dropped_group_ids])  # never trained on: not pending
-            batch = result.batch
-            if batch.num_rows == 0:
-                continue
-            for seconds in decode_rewards(batch).reward_seconds:
-                self.telemetry.reward_seconds.observe(seconds)
-            self.ready.append(self._drop_stale(batch, learner_version))
-        self.telemetry.queue_depth.labels(stage="ready").set(sum(b.num_rows for b in self.ready))
+            self.forget([index_of[g] for g in stats.dropped_group_ids])
+            if result.batch.num_rows:
+                for seconds in decode_rewards(result.batch).reward_seconds:
+                    self.telemetry.reward_seconds.observe(seconds)
+                self.ready.append(self._drop_stale(result.batch, learner_version))
 
     def _drop_stale(self, batch: pa.RecordBatch, learner_version: int) -> pa.RecordBatch:
-        versions = decode_rollout(batch).policy_version
-        if (versions == REFERENCE_POLICY_VERSION).all():
+        groups = decode_rollout(batch)
+        if (groups.policy_version == REFERENCE_POLICY_VERSION).all():
             return batch
-        staleness = learner_version - versions
+        staleness = learner_version - groups.policy_version
         for s in staleness:
             self.telemetry.staleness.observe(s)
         keep = staleness <= self.job.rollout.max_staleness
         if not keep.all():
             self.telemetry.groups_dropped.labels(reason="stale").inc(int((~keep).sum()))
-            self._forget(decode_rollout(batch).data_index[~keep].tolist())
+            self.forget(groups.data_index[~keep].tolist())
         return select_rows(batch, keep)
 
-    def _forget(self, indices: list[int]) -> None:
-        if indices:
-            self.position.pending = sorted(set(self.position.pending) - set(indices))
+    def _replace(self, slot: int, generation: int, err: BaseException) -> None:
+        if generation != self.rollout.restarts[slot]:
+            return  # this slot was already given a fresh worker
+        print(f"rollout{slot} failed ({type(err).__name__}); replacing it", flush=True)
+        self.rollout.replace(slot, self.weights)
+        self.telemetry.worker_restarts.labels(pool="rollout").inc()
 
+    def _ready_groups(self) -> int:
+        return sum(b.num_rows for b in self.ready)
 
-def _push(learner: LearnerGroup, rollout: RolloutPool, version: int, telemetry: Telemetry) -> None:
-    """Rank 0's adapter, put in the object store once, applied in place by every rollout worker."""
-    start = time.perf_counter()
-    weights = learner.adapter_weights(version)
-    ref = ray.put(weights)
-    for slot, ack in enumerate(rollout.push(ref)):
-        try:
-            ray.get(ack)
-        except RayActorError:  # died since its last call: its replacement starts with these weights
-            rollout.replace(slot, weights)
-            telemetry.worker_restarts.labels(pool="rollout").inc()
-    telemetry.push_seconds.observe(time.perf_counter() - start)
-    telemetry.push_bytes.inc(weights.nbytes * len(rollout))
+    def _groups_in_flight(self) -> int:
+        sampling = sum(len(indices) for *_, indices in self.calls.values())
+        return sampling + sum(len(ids) for ids in self.scoring.values()) + self._ready_groups()
 
 
 def _checkpoint(learner: LearnerGroup, out: Path, step: int, position: DataPosition) -> None:
@@ -242,13 +283,14 @@ def _record(
     stats: dict[str, float],
     *,
     step: int,
+    run_steps: int,
     step_seconds: float,
     wait: float,
     waited: float,
     elapsed: float,
 ) -> dict[str, float]:
     rewards, groups = decode_rewards(batch), decode_rollout(batch)
-    samples = step * groups.num_groups * groups.group_size
+    samples = run_steps * groups.num_groups * groups.group_size  # trained on since this process started
     summary = {
         "step": float(step),
         "samples": float(samples),
