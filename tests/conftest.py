@@ -29,6 +29,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_threaded_torch() -> Iterator[None]:
+    """Torch on one intra-op thread, like the Ray actors (Ray sets OMP_NUM_THREADS=num_cpus=1).
+
+    The tiny model gains nothing from threads, and on the shared 2-core machine OpenMP spin-waits
+    turned 0.05 s into seconds.  The thread count also changes how CPU kernels split their sums,
+    which Adam magnifies for coordinates with gradients near eps: the same threads give the same
+    arithmetic as the actors.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray instance for the whole test run (``ray.init`` costs ~7 s)."""

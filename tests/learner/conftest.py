@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from common.records import GroupRewards, RolloutGroups, append_rewards, encode_rollout
 
@@ -47,18 +46,6 @@ def make_scored_batch(n: int = 4, g: int = 3, seed: int = 0, latent_hw: int = 4)
         reward_seconds=np.zeros(n),
     )
     return append_rewards(encode_rollout(groups), rewards)
-
-
-@pytest.fixture(autouse=True)
-def _single_threaded_torch() -> Iterator[None]:
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spin-waits made a 0.5 s step take up to 15 s; restored after each test (it is process state)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -48,22 +48,7 @@ def _max_abs_diff(a: AdapterWeights, b: AdapterWeights) -> float:
     return max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors)
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded, like the rank actors (Ray sets OMP_NUM_THREADS=num_cpus=1).
-
-    The thread count changes how CPU kernels split their sums; Adam then magnifies that rounding
-    for coordinates whose clipped gradient is ~eps. Same threads, same arithmetic.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_two_ranks_step_like_one(two_ranks, scored_batch, free_port, one_thread):
+def test_two_ranks_step_like_one(two_ranks, scored_batch, free_port):
     # The 1-rank reference runs in this process, 2 micro-batches of 2 groups under ZeRO-0.
     one = LearnerRank(ModelConfig(), LearnerConfig(micro_batch_groups=2), 0, 1, "127.0.0.1", free_port)
     assert two_ranks.world_size == 2

@@ -27,15 +27,6 @@ from rollout.degradation import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """On the shared 2-core CI box, intra-op threads contend with other jobs (several-fold slower); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def photo(size: int = 64, batch: int = 2) -> torch.Tensor:
     """``[batch, 3, size, size]`` crops of real photos in [0, 1] (astronaut, cat)."""
     images = [data.astronaut(), data.chelsea()]

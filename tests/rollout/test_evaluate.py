@@ -28,16 +28,6 @@ from rollout.images import list_images
 from rollout.infer import parse_model_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """The tiny model's ops take microseconds; on the shared 2-core CI box, intra-op threads contend with
-    other jobs and make them take seconds (measured 0.05 s vs 2-4 s per image).  Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def y_metrics() -> dict[str, iqa.Metric]:
     metrics, skipped = iqa.create_metrics(["psnr", "ssim"])
