@@ -90,10 +90,10 @@ def local_weights_only(weights_dir: str | Path | None) -> Iterator[list[Path]]:
 
     def load_state_dict_from_url(url: str, model_dir: str | None = None, map_location: Any = None, *args: Any,
                                  **kwargs: Any) -> dict:  # fmt: skip
-        # torch.hub's later parameters: progress, check_hash, file_name, weights_only
+        # torch.hub's later parameters: progress, check_hash, file_name, weights_only.  Metric
+        # checkpoints are plain state dicts: never unpickle objects, whatever the caller asks.
         file_name = kwargs.get("file_name", args[2] if len(args) > 2 else None)
-        weights_only = kwargs.get("weights_only", args[3] if len(args) > 3 else False)
-        return torch.load(find(file_name or url), map_location=map_location, weights_only=weights_only)
+        return torch.load(find(file_name or url), map_location=map_location, weights_only=True)
 
     def refuse_download(url: str, *args: Any, **kwargs: Any) -> None:
         raise MissingWeights(os.path.basename(urlparse(url).path), searched)
