@@ -105,6 +105,10 @@ def _train_loop(
             wait=wait, waited=waited, elapsed=time.perf_counter() - started,
         )  # fmt: skip
         summary["rollout_restarts"] = float(sum(rollout.restarts))
+        versions = decode_rollout(batch).policy_version
+        if (versions != REFERENCE_POLICY_VERSION).all():  # policy mode: how old were the samples trained on
+            summary["staleness_max"] = float(step - 1 - versions.min())
+            summary["policy_version_min"] = float(versions.min())
         if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
             first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
         else:
@@ -149,11 +153,18 @@ class _Pipeline:
 
     def take(self, count: int, *, learner_version: int) -> pa.RecordBatch:
         """The next ``count`` scored groups (blocks, keeping every stage busy meanwhile)."""
-        while self._ready_groups() < count:
+        while True:  # staleness is judged now, when the learner would train on the groups
+            self.ready = [self._drop_stale(b, learner_version) for b in self.ready]
+            if self._ready_groups() >= count:
+                break
             self._pump(learner_version)
         batch = concat(self.ready)
         self.ready = [batch.slice(count)] if batch.num_rows > count else []
-        return batch.slice(0, count)
+        batch = batch.slice(0, count)
+        for version in decode_rollout(batch).policy_version:
+            if version != REFERENCE_POLICY_VERSION:
+                self.telemetry.staleness.observe(learner_version - version)
+        return batch
 
     def run_until(self, pending: list[ray.ObjectRef], *, learner_version: int) -> list[ray.ObjectRef]:
         """Keep sampling and scoring until the learner's ``pending`` calls are done."""
@@ -185,7 +196,7 @@ class _Pipeline:
                 self._on_rollout(ref)
             else:
                 self._on_ack(ref)
-        self._on_scores(learner_version)
+        self._on_scores()
         t = self.telemetry
         t.queue_depth.labels(stage="rollout").set(len(self.calls))
         t.queue_depth.labels(stage="reward").set(self.reward.num_pending)
@@ -233,7 +244,7 @@ class _Pipeline:
         if not self.acks:  # every worker holds the new version
             self.telemetry.push_seconds.observe(time.perf_counter() - self.push_started)
 
-    def _on_scores(self, learner_version: int) -> None:
+    def _on_scores(self) -> None:
         for result in self.reward.poll(timeout=0.0 if self.calls else self.POLL_S):
             index_of, stats = self.scoring.pop(result.ticket), result.stats
             self.telemetry.groups_scored.inc(stats.groups_scored)
@@ -243,15 +254,13 @@ class _Pipeline:
             if result.batch.num_rows:
                 for seconds in decode_rewards(result.batch).reward_seconds:
                     self.telemetry.reward_seconds.observe(seconds)
-                self.ready.append(self._drop_stale(result.batch, learner_version))
+                self.ready.append(result.batch)
 
     def _drop_stale(self, batch: pa.RecordBatch, learner_version: int) -> pa.RecordBatch:
         groups = decode_rollout(batch)
         if (groups.policy_version == REFERENCE_POLICY_VERSION).all():
             return batch
         staleness = learner_version - groups.policy_version
-        for s in staleness:
-            self.telemetry.staleness.observe(s)
         keep = staleness <= self.job.rollout.max_staleness
         if not keep.all():
             self.telemetry.groups_dropped.labels(reason="stale").inc(int((~keep).sum()))

@@ -120,3 +120,10 @@ def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path):
     thread.join()
     assert result["step"] == 4
     assert result["rollout_restarts"] >= 1
+
+
+def test_policy_sampling_trains_on_fresh_enough_samples(tmp_path):
+    result = train(_job(tmp_path, "run.steps=3", "rollout.sample_from=policy", "rollout.max_staleness=1"))
+    assert result["step"] == 3
+    assert result["staleness_max"] <= 1  # never trained on samples more than max_staleness versions old
+    assert result["policy_version_min"] >= 1  # the last step's groups came from an updated adapter
