@@ -64,6 +64,7 @@ from PIL import Image, ImageOps
 
 from rollout.degradation import DegradationConfig
 from rollout.embedded_images import EMBEDDED_IMAGES, EMBEDDED_ROOT, _embedded_where, _load_embedded
+from rollout.images import fit_crop, rgb_array
 from rollout.lr_synthesis import bicubic_degrade, realesrgan_degrade
 from rollout.prompts import CaptionFile, EmptyPrompt, PromptSource
 
@@ -299,7 +300,7 @@ class PairSource:
                 self.skipped[_embedded_where(image_id)] = _reason(err)
                 continue
             if self._size_ok(_embedded_where(image_id), image_id, *array.shape[:2]):
-                self._cache[image_id] = _read_only(_fit_crop(array, self.config.crop_size))
+                self._cache[image_id] = _read_only(fit_crop(array, self.config.crop_size))
                 entries.append(_Entry(image_id, image_id, embedded=True))
         return entries
 
@@ -343,11 +344,11 @@ class PairSource:
         """``[H, W, 3]`` uint8 RGB with a shorter side of at least ``crop_size``."""
         if entry.embedded:
             if entry.ref not in self._cache:
-                self._cache[entry.ref] = _read_only(_fit_crop(_load_embedded(entry.ref), self.config.crop_size))
+                self._cache[entry.ref] = _read_only(fit_crop(_load_embedded(entry.ref), self.config.crop_size))
             return self._cache[entry.ref]
         with Image.open(entry.ref) as im:
-            array = _rgb_array(ImageOps.exif_transpose(im))
-        return _fit_crop(array, self.config.crop_size)
+            array = rgb_array(ImageOps.exif_transpose(im))
+        return fit_crop(array, self.config.crop_size)
 
     def _degrade(self, hr: np.ndarray, seed: int) -> np.ndarray:
         if self.config.degradation == "bicubic":
@@ -370,26 +371,6 @@ class PairSource:
 
 
 # --- image helpers -----------------------------------------------------------------------------
-
-
-def _rgb_array(im: Image.Image) -> np.ndarray:
-    """Any PIL image -> ``[H, W, 3]`` uint8 RGB (alpha dropped, 16-bit scaled down)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PIL reads it as I;16 or I)
-        grey = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
-        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def _fit_crop(array: np.ndarray, crop: int) -> np.ndarray:
-    """Upscale (PIL bicubic) so the shorter side is at least ``crop``; unchanged when already large enough."""
-    height, width = array.shape[:2]
-    short = min(height, width)
-    if short >= crop:
-        return array
-    factor = crop / short
-    size = (max(crop, round(width * factor)), max(crop, round(height * factor)))
-    return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

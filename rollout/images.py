@@ -110,3 +110,26 @@ def save_image(image: Tensor, path: str | Path) -> Path:
 def quantize_8bit(images: Tensor) -> Tensor:
     """What saving and re-loading would give: round to the 8-bit grid of [0, 1]."""
     return (images.clamp(0, 1) * 255.0).round() / 255.0
+
+
+# --- training data: any readable image becomes RGB (16-bit and alpha included) ---------------
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """Any PIL image -> ``[H, W, 3]`` uint8 RGB (alpha dropped, 16-bit scaled down)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PIL reads it as I;16 or I)
+        grey = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def fit_crop(array: np.ndarray, crop: int) -> np.ndarray:
+    """Upscale (PIL bicubic) so the shorter side is at least ``crop``; unchanged when already large enough."""
+    height, width = array.shape[:2]
+    short = min(height, width)
+    if short >= crop:
+        return array
+    factor = crop / short
+    size = (max(crop, round(width * factor)), max(crop, round(height * factor)))
+    return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)

@@ -1,9 +1,7 @@
-"""Training-pair source: embedded set, determinism, degradation, damaged folders, prompts."""
+"""Training-pair source: embedded set, determinism, degradation, damaged folders, config."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import pickle
 from pathlib import Path
 
@@ -15,28 +13,9 @@ from PIL import Image
 from common.config import from_mapping
 from rollout import lr_synthesis
 from rollout.data import EMBEDDED_IMAGES, DataConfig, PairSource, TrainingPair, bicubic_degrade
-from rollout.prompts import CaptionFile, EmptyPrompt, PromptSource, load_captions
-
-CROP = 64
-
-
-@pytest.fixture(scope="module")
-def embedded() -> PairSource:
-    return PairSource(DataConfig(crop_size=CROP))
-
-
-def _photo(height: int, width: int, seed: int) -> np.ndarray:
-    """A smooth-ish random RGB image with edges (so blur is measurable)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    big = np.asarray(Image.fromarray(base).resize((width, height), Image.Resampling.NEAREST))
-    return np.clip(big.astype(int) + rng.integers(-20, 21, size=big.shape), 0, 255).astype(np.uint8)
-
-
-def _save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+from tests.rollout.conftest import CROP
+from tests.rollout.conftest import photo as _photo
+from tests.rollout.conftest import save as _save
 
 
 def _truncated_jpeg(path: Path) -> Path:
@@ -318,71 +297,6 @@ def test_extensions_are_configurable(tmp_path: Path) -> None:
     _save(tmp_path / "b.bmp", _photo(64, 64, seed=9))
     source = PairSource(DataConfig(hr_dir=str(tmp_path), crop_size=CROP, extensions=(".png",)))
     assert source.image_ids == ("a.PNG",)
-
-
-# --- prompts -----------------------------------------------------------------------------------
-
-
-def test_captions_file_is_used_and_missing_entries_counted(tmp_path: Path) -> None:
-    root = tmp_path / "hr"
-    _save(root / "a.png", _photo(64, 64, seed=1))
-    _save(root / "sub" / "b.png", _photo(64, 64, seed=2))
-    captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"a.png": "a dog, grass, "}))
-    config = DataConfig(hr_dir=str(root), crop_size=CROP, prompt="captions", captions_file=str(captions))
-    source = PairSource(config)
-    prompts = {p.image_id: p.prompt for p in source.batch(0, 2)}
-    assert prompts == {"a.png": "a dog, grass, ", "sub/b.png": ""}
-    assert source.prompt_source.missing == {"sub/b.png": 1}
-    with pytest.raises(ValueError, match=r"1 of 2 images.*sub/b.png"):
-        PairSource(dataclasses.replace(config, captions_strict=True))
-
-
-def test_captions_csv_and_jsonl_layouts(tmp_path: Path) -> None:
-    header = tmp_path / "meta.csv"
-    header.write_text('file_name,text\nHR/a.png,"a cat, sofa, "\nb.jpg,a "quoted" word\n')
-    assert load_captions(header) == {"HR/a.png": "a cat, sofa, ", "b.jpg": 'a "quoted" word'}
-    plain = tmp_path / "plain.csv"
-    plain.write_text("a.png,first\n./sub\\b.png,second\n")
-    assert load_captions(plain) == {"a.png": "first", "sub/b.png": "second"}
-    lines = tmp_path / "metadata.jsonl"
-    lines.write_text('{"file_name": "a.png", "text": "x"}\n\n{"image": "b.png", "caption": "y"}\n')
-    assert load_captions(lines) == {"a.png": "x", "b.png": "y"}
-    source = CaptionFile(header)
-    assert source("a.png", np.zeros((3, 8, 8), np.uint8)) == "a cat, sofa, "  # matched by file name
-    assert source("sub/a", np.zeros((3, 8, 8), np.uint8)) == "a cat, sofa, "  # and by stem
-    strict = CaptionFile(header, strict=True)
-    with pytest.raises(ValueError, match=r"zzz\.png"):
-        strict("zzz.png", np.zeros((3, 8, 8), np.uint8))
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "match"),
-    [
-        ("c.json", "[1, 2]", "item 0"),
-        ("c.json", '{"a.png": 3}', "not a string"),
-        ("c.json", "{}", "no captions"),
-        ("c.json", "{nope", "not valid JSON"),
-        ("c.csv", "a,b,c\n1,2,3\n", "header"),
-        ("c.csv", "a.png,x\na.png,y\n", "two different captions"),
-        ("c.txt", "a.png x", r"\.json, \.jsonl or \.csv"),
-    ],
-)
-def test_bad_captions_files_are_value_errors(tmp_path: Path, name: str, text: str, match: str) -> None:
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ValueError, match=match):
-        load_captions(path)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_captions(tmp_path / "absent.json")
-
-
-def test_prompt_sources_follow_the_protocol(embedded: PairSource) -> None:
-    assert isinstance(EmptyPrompt(), PromptSource)
-    tagged = PairSource(DataConfig(crop_size=CROP), prompt_source=lambda image_id, hr: f"{image_id}, ")
-    pair = tagged.sample(1)
-    assert pair.prompt == f"{pair.image_id}, "
-    np.testing.assert_array_equal(pair.hr, embedded.sample(1).hr)
 
 
 # --- config ------------------------------------------------------------------------------------
