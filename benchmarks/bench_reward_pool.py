@@ -12,38 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import ray
 
-from common.records import RolloutGroups, encode_rollout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from reward_service.config import RewardConfig, RewardPoolConfig
 from reward_service.pool import RewardPool
+from tests.reward_service.conftest import make_rollout_batch  # the synthetic groups the tests score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_batch(n: int, g: int, size: int, seed: int):
-    rng = np.random.default_rng(seed)
-    hr = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
-    sr = hr[:, None].astype(np.float32) / 255 + rng.normal(0, 0.05, (n, g, 3, size, size)).astype(np.float32)
-    return encode_rollout(
-        RolloutGroups(
-            group_id=tuple(f"bench{seed}-{i}" for i in range(n)),
-            image_id=tuple(f"img{i}" for i in range(n)),
-            data_index=np.arange(n, dtype=np.int64),
-            seed=np.arange(n, dtype=np.int64),
-            policy_version=np.full(n, -1, np.int64),
-            prompt=("",) * n,
-            lr=hr.copy(),
-            hr=hr,
-            sr=np.clip(sr, 0, 1),
-            latents=np.zeros((n, g, 4, size // 8, size // 8), np.float32),
-            text_emb=np.zeros((n, 77, 32), np.float32),
-            generate_seconds=np.zeros(n),
-        )
-    )
 
 
 def run(workers: int, batches: list, warmup: list) -> tuple[float, list]:
@@ -65,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     n, g = args.groups_per_batch, args.group
-    batches = [make_batch(n, g, args.size, seed) for seed in range(args.batches)]
-    warmup = [make_batch(n, g, args.size, 10_000 + i) for i in range(max(args.workers))]
+    batches = [make_rollout_batch(n, g, args.size, seed) for seed in range(args.batches)]
+    warmup = [make_rollout_batch(n, g, args.size, 10_000 + i) for i in range(max(args.workers))]
     total = n * args.batches
     print(f"{args.batches} batches x {n} groups of G={g} at {args.size}x{args.size}, offline metrics")
     try:

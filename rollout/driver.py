@@ -31,7 +31,15 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from common.adapter_sync import AdapterWeights
 from common.config import save_config
-from common.records import REFERENCE_POLICY_VERSION, concat, decode_rewards, decode_rollout, select_rows
+from common.records import (
+    REFERENCE_POLICY_VERSION,
+    GroupRewards,
+    RolloutGroups,
+    concat,
+    decode_rewards,
+    decode_rollout,
+    select_rows,
+)
 from common.telemetry import Telemetry
 from common.tiny import TINY_MODEL_NOTICE
 from learner.group import LearnerGroup
@@ -97,15 +105,16 @@ def _train_loop(
         stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
         step_seconds = time.perf_counter() - step_start
         step += 1
-        pipeline.forget(decode_rollout(batch).data_index.tolist())  # trained on: no longer pending
+        groups = decode_rollout(batch)
+        pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
         if step % job.learner.push_every == 0:
             pipeline.push(learner.adapter_weights(step))
         summary = _record(
-            telemetry, batch, stats, step=step, run_steps=step - first_step, step_seconds=step_seconds,
-            wait=wait, waited=waited, elapsed=time.perf_counter() - started,
+            telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
+            step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
         )  # fmt: skip
         summary["rollout_restarts"] = float(sum(rollout.restarts))
-        versions = decode_rollout(batch).policy_version
+        versions = groups.policy_version
         if (versions != REFERENCE_POLICY_VERSION).all():  # policy mode: how old were the samples trained on
             summary["staleness_max"] = float(step - 1 - versions.min())
             summary["policy_version_min"] = float(versions.min())
@@ -153,10 +162,10 @@ class _Pipeline:
 
     def take(self, count: int, *, learner_version: int) -> pa.RecordBatch:
         """The next ``count`` scored groups (blocks, keeping every stage busy meanwhile)."""
-        while True:  # staleness is judged now, when the learner would train on the groups
-            self.ready = [self._drop_stale(b, learner_version) for b in self.ready]
-            if self._ready_groups() >= count:
-                break
+        # Staleness is judged against the version the learner is at now: what waited through the last
+        # step is filtered here once, what arrives during this call is filtered as it arrives.
+        self.ready = [self._drop_stale(b, learner_version) for b in self.ready]
+        while self._ready_groups() < count:
             self._pump(learner_version)
         batch = concat(self.ready)
         self.ready = [batch.slice(count)] if batch.num_rows > count else []
@@ -196,7 +205,7 @@ class _Pipeline:
                 self._on_rollout(ref)
             else:
                 self._on_ack(ref)
-        self._on_scores()
+        self._on_scores(learner_version)
         t = self.telemetry
         t.queue_depth.labels(stage="rollout").set(len(self.calls))
         t.queue_depth.labels(stage="reward").set(self.reward.num_pending)
@@ -244,7 +253,7 @@ class _Pipeline:
         if not self.acks:  # every worker holds the new version
             self.telemetry.push_seconds.observe(time.perf_counter() - self.push_started)
 
-    def _on_scores(self) -> None:
+    def _on_scores(self, learner_version: int) -> None:
         for result in self.reward.poll(timeout=0.0 if self.calls else self.POLL_S):
             index_of, stats = self.scoring.pop(result.ticket), result.stats
             self.telemetry.groups_scored.inc(stats.groups_scored)
@@ -254,7 +263,7 @@ class _Pipeline:
             if result.batch.num_rows:
                 for seconds in decode_rewards(result.batch).reward_seconds:
                     self.telemetry.reward_seconds.observe(seconds)
-                self.ready.append(result.batch)
+                self.ready.append(self._drop_stale(result.batch, learner_version))
 
     def _drop_stale(self, batch: pa.RecordBatch, learner_version: int) -> pa.RecordBatch:
         groups = decode_rollout(batch)
@@ -288,7 +297,8 @@ def _checkpoint(learner: LearnerGroup, out: Path, step: int, position: DataPosit
 
 def _record(
     telemetry: Telemetry,
-    batch: pa.RecordBatch,
+    groups: RolloutGroups,
+    rewards: GroupRewards,
     stats: dict[str, float],
     *,
     step: int,
@@ -298,7 +308,6 @@ def _record(
     waited: float,
     elapsed: float,
 ) -> dict[str, float]:
-    rewards, groups = decode_rewards(batch), decode_rollout(batch)
     samples = run_steps * groups.num_groups * groups.group_size  # trained on since this process started
     summary = {
         "step": float(step),

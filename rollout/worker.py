@@ -86,8 +86,9 @@ class RolloutWorker:
         if self.config.sample_from == "policy" and self.version < min_version:
             raise StaleWeightsError(f"{self.worker_id} holds adapter v{self.version}, call needs >= v{min_version}")
         pairs = [self.source.sample(i) for i in indices]
+        seeds = np.array([group_seed(self.config.seed, p.index) for p in pairs], np.int64)
         start = time.perf_counter()
-        columns = [self._group(pair.lr, pair.prompt, group_seed(self.config.seed, pair.index)) for pair in pairs]
+        columns = [self._group(pair.lr, pair.prompt, int(seed)) for pair, seed in zip(pairs, seeds, strict=True)]
         seconds = (time.perf_counter() - start) / len(pairs)
         sr, latents, emb = (np.stack(c) for c in zip(*columns, strict=True))
         reference = self.config.sample_from == "reference"
@@ -95,7 +96,7 @@ class RolloutWorker:
             group_id=tuple(f"{self.worker_id}-{p.index:09d}" for p in pairs),
             image_id=tuple(p.image_id for p in pairs),
             data_index=np.array([p.index for p in pairs], np.int64),
-            seed=np.array([group_seed(self.config.seed, p.index) for p in pairs], np.int64),
+            seed=seeds,
             policy_version=np.full(len(pairs), REFERENCE_POLICY_VERSION if reference else self.version, np.int64),
             prompt=tuple(p.prompt for p in pairs),
             lr=np.stack([p.lr for p in pairs]),
