@@ -2,8 +2,10 @@
 
     python benchmarks/bench_proportions.py [--threads 1] [--repeats 7] [--image astronaut]
 
-Both run interleaved in one process; the table reports the best and the median of the repeats (the
-best is the least disturbed by other load on a shared machine) and checks the results agree.
+The naive loop and both backends of ``reward_service.proportions`` (the fused CPU kernel, the
+default on CPU, and the torch path used on GPU) run interleaved in one process.  The table reports
+the best and the median of the repeats (the best is the least disturbed by other load on a shared
+machine) and checks that the results agree.
 """
 
 from __future__ import annotations
@@ -46,37 +48,45 @@ def naive_rho_s(rgb: np.ndarray, ps: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (cv2 is left as is)")
+    parser.add_argument("--threads", type=int, default=1, help="torch (and fused-kernel) threads; cv2 is left as is")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--image", default="astronaut", help="a skimage.data image of at least 512x512")
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=64, help="patches per step of the torch backend")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rgb = np.ascontiguousarray(getattr(data, args.image)()[:512, :512, :3])
     hr = torch.from_numpy(rgb).permute(2, 0, 1)[None]
 
-    naive_times, vec_times = [], []
-    vec = patch_complexity(hr, chunk=args.chunk)[0].numpy()  # warm-up (operator tables are cached)
+    backends = ("fused", "torch")
+    times: dict[str, list[float]] = {"naive": [], **{b: [] for b in backends}}
+    results = {b: patch_complexity(hr, chunk=args.chunk, backend=b)[0].numpy() for b in backends}  # warm-up, JIT
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         ref = naive_complexity(rgb)
-        t1 = time.perf_counter()
-        vec = patch_complexity(hr, chunk=args.chunk)[0].numpy()
-        t2 = time.perf_counter()
-        naive_times.append(t1 - t0)
-        vec_times.append(t2 - t1)
+        times["naive"].append(time.perf_counter() - t0)
+        for b in backends:
+            t0 = time.perf_counter()
+            results[b] = patch_complexity(hr, chunk=args.chunk, backend=b)[0].numpy()
+            times[b].append(time.perf_counter() - t0)
 
-    rho_vec = float(detail_proportions(hr, round_to=None, chunk=args.chunk)[0][0])
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     rho_ref = naive_rho_s(rgb)
-    best_n, best_v = min(naive_times), min(vec_times)
-    med_n, med_v = statistics.median(naive_times), statistics.median(vec_times)
-    print(f"image {args.image} 512x512, {vec.size} patches, torch threads {args.threads}, {args.repeats} repeats")
-    print(f"naive per-patch loop : best {best_n * 1e3:8.1f} ms   median {med_n * 1e3:8.1f} ms")
-    print(f"vectorised (torch)   : best {best_v * 1e3:8.1f} ms   median {med_v * 1e3:8.1f} ms")
-    print(f"speed-up             : best/best {best_n / best_v:6.1f}x   median/median {med_n / med_v:6.1f}x")
-    flips = int(((vec > 50) != (ref > 50)).sum())
-    print(f"max |complexity diff| {np.abs(vec - ref).max():.3g}; detailed-patch disagreements {flips}")
-    print(f"rho_s vectorised {rho_vec:.6f}  naive {rho_ref:.6f}  (rounded {round(rho_vec, 2)} / {round(rho_ref, 2)})")
+    print(f"image {args.image} 512x512, {ref.size} patches, threads {args.threads}, {args.repeats} repeats")
+    for name, label in (("naive", "naive per-patch loop"), ("torch", "torch backend"), ("fused", "fused CPU kernel")):
+        line = f"{label:21}: best {best[name] * 1e3:8.1f} ms   median {med[name] * 1e3:8.1f} ms"
+        if name != "naive":
+            line += f"   speed-up best/best {best['naive'] / best[name]:5.1f}x  median/median "
+            line += f"{med['naive'] / med[name]:5.1f}x"
+        print(line)
+    for b in backends:
+        vec = results[b]
+        rho = float(detail_proportions(hr, round_to=None, chunk=args.chunk, backend=b)[0][0])
+        flips = int(((vec > 50) != (ref > 50)).sum())
+        print(
+            f"{b:5}: max |complexity diff| {np.abs(vec - ref).max():.3g}, detailed-patch disagreements {flips}, "
+            f"rho_s {rho:.6f} vs naive {rho_ref:.6f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ class RewardConfig:
     resize: int = 64  # every patch is resized (bilinear) to resize x resize before Sobel
     detail_threshold: float = 50.0  # a patch is detailed when entropy * patch pixels > this
     proportions_dtype: Literal["float32", "float64"] = "float32"  # float32 re-checks borderline patches in float64
-    patch_chunk: int = 64  # patches per vectorised step: 64 * 64^2 floats stay in cache (fastest on CPU)
+    proportions_backend: Literal["auto", "fused", "torch"] = "auto"  # auto: fused kernel on CPU, torch on CUDA
+    patch_chunk: int = 64  # torch backend: patches per vectorised step (64 * 64^2 floats stay in cache)
     filter_groups: bool = False  # OARS-style: drop saturated groups (high mean, low spread)
     filter_mean: float = 0.9  # drop when the mean range-normalised reward is above this ...
     filter_std: float = 0.05  # ... and its std (ddof=1) is below this
@@ -70,6 +71,8 @@ class RewardConfig:
             )
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if self.proportions_backend == "fused" and not self.device.startswith("cpu"):
+            raise ValueError(f"proportions_backend='fused' is the CPU kernel; device is {self.device!r}")
 
     @property
     def metric_names(self) -> tuple[str, ...]:

@@ -10,7 +10,9 @@ linear and separable, so for a patch ``P`` (ph x pw) the two gradients are
 with ``Rh``/``Rw`` the interpolation matrices and ``S`` = [1, 2, 1], ``D`` = [-1, 0, 1] as
 replicate-border convolution matrices.  All patches of one size class (full, right remainder,
 bottom remainder, corner: at most 4) then go through two matrix products, and the histogram is a
-``scatter_add`` of bin indices per patch: no Python loop over patches.
+``scatter_add`` of bin indices per patch: no Python loop over patches.  On CPU the same algebra
+runs fused per patch in ``patch_entropy_cpu`` (``backend="fused"``, the CPU default), which keeps
+the 4096 magnitudes of a patch in L1 instead of streaming them through memory five times.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from reward_service import patch_entropy_cpu
+
 HIST_BINS = 512
 HIST_RANGE = 5.5  # the histogram covers (-HIST_RANGE, HIST_RANGE); magnitudes >= 0 use the upper half
 BIN_WIDTH = 2 * HIST_RANGE / HIST_BINS  # 11/512, exact in binary
@@ -31,6 +35,7 @@ _GRAY_Q15 = {"luma": (9798, 19235, 3735), "opencv_bgr": (3735, 19235, 9798)}  # 
 _RECHECK_MARGIN = 0.5  # float32 complexities this close to the threshold are recomputed in float64
 
 Gray = Literal["opencv_bgr", "luma"]
+Backend = Literal["auto", "fused", "torch"]  # auto: the fused kernel for CPU images, torch otherwise
 
 
 def to_gray8(images: torch.Tensor, gray: Gray = "opencv_bgr") -> torch.Tensor:
@@ -42,9 +47,10 @@ def to_gray8(images: torch.Tensor, gray: Gray = "opencv_bgr") -> torch.Tensor:
     """
     check_rgb(images, "HR image")
     x = images if images.dtype == torch.uint8 else (images.float() * 255).round()
-    x = x.to(torch.int32)
     w0, w1, w2 = _GRAY_Q15[gray]
-    return (x[:, 0] * w0 + x[:, 1] * w1 + x[:, 2] * w2 + (1 << 14)) >> 15
+    g = x[:, 0].to(torch.int32).mul_(w0)  # in place: one [B, H, W] int32 buffer, no temporaries
+    g.add_(x[:, 1].to(torch.int32), alpha=w1).add_(x[:, 2].to(torch.int32), alpha=w2)
+    return g.add_(1 << 14).bitwise_right_shift_(15)
 
 
 def check_rgb(images: torch.Tensor, what: str) -> None:
@@ -78,23 +84,27 @@ def patch_complexity(
     threshold: float = 50.0,
     dtype: torch.dtype = torch.float32,
     chunk: int = 64,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Complexity of every patch: [B, ceil(H/ps), ceil(W/ps)] float64 (entropy bits * patch pixels).
 
     ``images`` is RGB [B, 3, H, W] (uint8 or float in [0, 1]).  With ``dtype=float32`` the patches
     whose complexity lands within 0.5 of ``threshold`` are recomputed in float64 with np.histogram's
     rules, so float32 rounding cannot flip a detailed/smooth decision (float32 moves a complexity by
-    ~1e-2 at most: a few of 4096 values crossing a bin edge).
+    ~1e-2 at most: a few of 4096 values crossing a bin edge).  ``backend="fused"`` (CPU images
+    only) runs the fast-path size classes through the fused CPU kernel; classes whose magnitudes
+    can leave the histogram range always take the exact torch path.
     """
+    fused = _use_fused(backend, images, dtype)
     g8 = to_gray8(images, gray)
     b, h, w = g8.shape
     out = torch.empty(b, -(-h // patch_size), -(-w // patch_size), dtype=torch.float64, device=g8.device)
     for rows, cols, patches8 in _size_classes(g8, patch_size):
-        c = _class_complexity(patches8, resize, chunk, dtype)
+        c = _class_complexity(patches8, resize, chunk, dtype, fused=fused)
         if dtype != torch.float64:  # float32 noise must not flip a decision: redo the close calls in float64
             near = (c - threshold).abs() <= _RECHECK_MARGIN
             if bool(near.any()):
-                c[near] = _class_complexity(patches8[near], resize, chunk, torch.float64, exact=True)
+                c[near] = _class_complexity(patches8[near], resize, chunk, torch.float64, exact=True, fused=fused)
         out[:, rows, cols] = c.view(b, rows.stop - rows.start, cols.stop - cols.start)
     return out
 
@@ -109,6 +119,7 @@ def detail_proportions(
     round_to: int | None = 2,
     dtype: torch.dtype = torch.float32,
     chunk: int = 64,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rho_s, rho_d), each [B] float64: the pixel fraction in non-detailed / detailed patches.
 
@@ -116,7 +127,14 @@ def detail_proportions(
     ``None`` keeps the exact fractions.
     """
     c = patch_complexity(
-        images, gray=gray, patch_size=patch_size, resize=resize, threshold=threshold, dtype=dtype, chunk=chunk
+        images,
+        gray=gray,
+        patch_size=patch_size,
+        resize=resize,
+        threshold=threshold,
+        dtype=dtype,
+        chunk=chunk,
+        backend=backend,
     )
     h, w = images.shape[2], images.shape[3]
     area = _patch_areas(h, w, patch_size).to(c.device)  # [nh, nw] pixels per patch
@@ -126,6 +144,17 @@ def detail_proportions(
         scale = 10.0**round_to
         smooth, detail = torch.round(smooth * scale) / scale, torch.round(detail * scale) / scale
     return smooth, detail
+
+
+def _use_fused(backend: Backend, images: torch.Tensor, dtype: torch.dtype) -> bool:
+    if backend not in ("auto", "fused", "torch"):
+        raise ValueError(f"backend must be 'auto', 'fused' or 'torch', got {backend!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    on_cpu = images.device.type == "cpu"
+    if backend == "fused" and not on_cpu:
+        raise ValueError(f"backend='fused' is the CPU kernel; images are on {images.device}")
+    return backend == "fused" or (backend == "auto" and on_cpu)
 
 
 def _patch_areas(h: int, w: int, ps: int) -> torch.Tensor:
@@ -158,19 +187,25 @@ def _size_classes(g: torch.Tensor, ps: int) -> Iterator[tuple[slice, slice, torc
 
 
 def _class_complexity(
-    patches8: torch.Tensor, resize: int, chunk: int, dtype: torch.dtype, *, exact: bool = False
+    patches8: torch.Tensor, resize: int, chunk: int, dtype: torch.dtype, *, exact: bool = False, fused: bool = False
 ) -> torch.Tensor:
     """Complexities [n] float64 of same-size 8-bit gray patches [n, ph, pw], ``chunk`` at a time.
 
     The fast path is valid when no magnitude can reach the histogram's upper end, which holds
     whenever a patch is upsampled by more than ~2x (|Sobel| <= 8 * sqrt(2) * ph / resize): then every
     patch has exactly resize^2 values in range, bins are truncated magnitudes and the entropy is a
-    table lookup per bin count.
-    Otherwise, and for ``exact``, np.histogram's rules are followed in float64.
+    table lookup per bin count.  There ``exact`` (float64, np.histogram's rules) and the fast path
+    in float64 bin the same way, so the fused kernel serves both.
+    Otherwise, and for ``exact`` on the torch path, np.histogram's rules are followed in float64.
     """
     n, ph, pw = patches8.shape
     bound = 8 * math.sqrt(2) * min(1.0, max(ph, pw) / resize)  # largest possible Sobel magnitude
-    exact = exact or bound >= HIST_RANGE
+    in_range = bound < HIST_RANGE
+    kernel_dtype = torch.float64 if exact else dtype
+    kernel = _fused_operators(ph, pw, resize, kernel_dtype) if fused and in_range else None
+    if kernel is not None:
+        return patch_entropy_cpu.class_complexity(patches8.to(kernel_dtype) / 255.0, kernel)
+    exact = exact or not in_range
     patches = patches8.to(torch.float64 if exact else dtype) / 255.0
     ops = _operators(ph, pw, resize, dtype=patches.dtype, device=str(patches.device), exact=exact)
     if exact:
@@ -228,6 +263,14 @@ def _entropy_terms(r: int, device: str) -> torch.Tensor:
     """
     p = torch.arange(r * r + 1, dtype=torch.float64) / (r * r + 1e-5)
     return (-(p * torch.log2(p + 1e-10))).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _fused_operators(ph: int, pw: int, r: int, dtype: torch.dtype) -> patch_entropy_cpu.FusedOperators | None:
+    """The fused kernel's operands for one patch size, or None where it does not apply (downsampling)."""
+    a, bx, by = (t.numpy() for t in _operators(ph, pw, r, dtype=torch.float64, device="cpu", exact=False))
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return patch_entropy_cpu.FusedOperators.build(a, bx, by, _entropy_terms(r, "cpu").numpy(), np_dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -137,6 +137,7 @@ class RewardWorker:
             round_to=2 if cfg.round_proportions else None,
             dtype=torch.float32 if cfg.proportions_dtype == "float32" else torch.float64,
             chunk=cfg.patch_chunk,
+            backend=cfg.proportions_backend,
         )
         return rho_s.cpu().numpy(), rho_d.cpu().numpy()
 

@@ -50,22 +50,40 @@ def crop(name: str, top: int, left: int, h: int = 97, w: int = 123) -> np.ndarra
 PHOTOS = [("astronaut", 40, 150), ("coffee", 120, 200), ("chelsea", 60, 90), ("rocket", 200, 250)]
 
 
+BACKENDS = ["fused", "torch"]
+
+
 @pytest.mark.parametrize("gray", ["opencv_bgr", "luma"])
-@pytest.mark.parametrize(("name", "top", "left"), PHOTOS)
+@pytest.mark.parametrize("photo", PHOTOS, ids=[p[0] for p in PHOTOS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_naive_per_patch_on_photos(name: str, top: int, left: int, gray: str, dtype: torch.dtype) -> None:
-    rgb = crop(name, top, left)  # 97 x 123: right (3 px) and bottom (7 px) remainders and a corner
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_naive_per_patch_on_photos(
+    photo: tuple[str, int, int], gray: str, dtype: torch.dtype, backend: str
+) -> None:
+    rgb = crop(*photo)  # 97 x 123: right (3 px) and bottom (7 px) remainders and a corner
     ref = naive_complexity(rgb, gray)
-    got = patch_complexity(as_batch(rgb), gray=gray, dtype=dtype)[0].numpy()
+    kwargs = {"gray": gray, "dtype": dtype, "backend": backend}
+    got = patch_complexity(as_batch(rgb), **kwargs)[0].numpy()
     assert got.shape == ref.shape == (10, 13)
     assert np.abs(got - ref).max() < 0.05  # float32 gradients move a value across a bin edge at most
     assert np.median(np.abs(got - ref)) < 1e-9
     np.testing.assert_array_equal(got > 50, ref > 50)
-    rho_s, rho_d = detail_proportions(as_batch(rgb), gray=gray, dtype=dtype, round_to=None)
+    rho_s, rho_d = detail_proportions(as_batch(rgb), round_to=None, **kwargs)
     assert float(rho_s[0]) == pytest.approx(naive_rho_s(rgb, ref), abs=1e-12)
     assert float(rho_d[0]) == pytest.approx(1 - naive_rho_s(rgb, ref), abs=1e-12)
-    rounded, _ = detail_proportions(as_batch(rgb), gray=gray, dtype=dtype)
+    rounded, _ = detail_proportions(as_batch(rgb), **kwargs)
     assert float(rounded[0]) == round(naive_rho_s(rgb, ref), 2)
+
+
+def test_backends_agree_with_naive_on_a_full_photo() -> None:
+    """Both backends on 2704 patches of a 512x512 photo: the decisions of the naive loop, exactly."""
+    rgb = np.ascontiguousarray(data.astronaut()[:512, :512])
+    ref = naive_complexity(rgb)
+    for backend in BACKENDS:
+        got = patch_complexity(as_batch(rgb), backend=backend)[0].numpy()
+        assert np.abs(got - ref).max() < 0.2  # float32: a few values cross a bin edge
+        np.testing.assert_array_equal(got > 50, ref > 50)
+    assert 0.2 < (ref > 50).mean() < 0.9
 
 
 def test_photos_have_both_kinds_of_patches() -> None:
@@ -74,39 +92,43 @@ def test_photos_have_both_kinds_of_patches() -> None:
     assert 0 < (comp > 50).mean() < 1
 
 
-def test_batch_of_images_equals_one_by_one() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_images_equals_one_by_one(backend: str) -> None:
     rgbs = [crop(name, top, left) for name, top, left in PHOTOS]
-    together = patch_complexity(as_batch(*rgbs)).numpy()
+    together = patch_complexity(as_batch(*rgbs), backend=backend).numpy()
     for k, rgb in enumerate(rgbs):
-        np.testing.assert_array_equal(together[k], patch_complexity(as_batch(rgb))[0].numpy())
+        np.testing.assert_array_equal(together[k], patch_complexity(as_batch(rgb), backend=backend)[0].numpy())
 
 
 @pytest.mark.parametrize(("h", "w"), [(7, 9), (100, 120), (101, 121), (10, 31), (45, 10)])
-def test_size_classes(h: int, w: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_size_classes(h: int, w: int, backend: str) -> None:
     """No remainder, 1-pixel remainders, smaller than one patch, a single patch row or column."""
     rgb = crop("astronaut", 100, 100, h, w)
     ref = naive_complexity(rgb)
-    got = patch_complexity(as_batch(rgb), chunk=7)[0].numpy()  # small chunks: several per size class
+    got = patch_complexity(as_batch(rgb), chunk=7, backend=backend)[0].numpy()  # torch: several chunks per class
     assert np.abs(got - ref).max() < 0.05
     np.testing.assert_array_equal(got > 50, ref > 50)
 
 
-def test_exact_histogram_path_when_magnitudes_can_leave_the_range() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_histogram_path_when_magnitudes_can_leave_the_range(backend: str) -> None:
     """resize=8 < patch 10: Sobel magnitudes can exceed 5.5, so np.histogram's rules apply (outliers dropped)."""
     rng = np.random.default_rng(3)
     rgb = (rng.integers(0, 2, (23, 31, 3)) * 255).astype(np.uint8)  # hard black/white edges
     ref = naive_complexity(rgb, r=8)
-    got = patch_complexity(as_batch(rgb), resize=8)[0].numpy()
+    got = patch_complexity(as_batch(rgb), resize=8, backend=backend)[0].numpy()
     np.testing.assert_allclose(got, ref, atol=1e-9)
 
 
-def test_float64_recheck_of_borderline_patches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a huge margin every float32 patch is redone on the exact float64 path: same as naive."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_recheck_of_borderline_patches(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """With a huge margin every float32 patch is redone on the float64 path: same as naive."""
     from reward_service import proportions
 
     monkeypatch.setattr(proportions, "_RECHECK_MARGIN", 1e9)
     rgb = crop("rocket", 200, 250, 37, 43)
-    got = patch_complexity(as_batch(rgb))[0].numpy()
+    got = patch_complexity(as_batch(rgb), backend=backend)[0].numpy()
     np.testing.assert_allclose(got, naive_complexity(rgb), atol=1e-9)
 
 

@@ -1,0 +1,100 @@
+"""The fused CPU kernel: its operands, its bounds, its dispatch and its determinism.
+
+Its numbers against the naive per-patch loop are pinned in test_reward_proportions.py (every test
+there runs on both backends).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reward_service import patch_entropy_cpu, proportions
+from reward_service.config import RewardConfig
+from reward_service.proportions import patch_complexity
+
+
+def photo(h: int = 120, w: int = 90) -> torch.Tensor:
+    from skimage import data
+
+    rgb = np.ascontiguousarray(data.coffee()[100 : 100 + h, 150 : 150 + w])
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+
+
+@pytest.mark.parametrize(("size", "resize"), [(10, 64), (3, 64), (1, 64), (7, 16)])
+def test_row_taps_rebuild_the_operator(size: int, resize: int) -> None:
+    a = proportions._operators(size, size, resize, dtype=torch.float64, device="cpu", exact=False)[0].numpy()
+    taps = patch_entropy_cpu.row_taps(a)
+    assert taps is not None
+    start, weights = taps
+    rebuilt = np.zeros((a.shape[0], a.shape[1] + patch_entropy_cpu.TAPS - 1))
+    for i in range(a.shape[0]):
+        rebuilt[i, start[i] : start[i] + patch_entropy_cpu.TAPS] = weights[i]
+    np.testing.assert_array_equal(rebuilt[:, : a.shape[1]], a)
+    assert not rebuilt[:, a.shape[1] :].any()
+
+
+def test_downsampling_is_not_fused() -> None:
+    """A patch larger than twice the resize spans more than three source rows per output row."""
+    a = proportions._operators(10, 10, 4, dtype=torch.float64, device="cpu", exact=False)[0].numpy()
+    assert patch_entropy_cpu.row_taps(a) is None
+    assert proportions._fused_operators(10, 10, 4, torch.float32) is None
+
+
+@pytest.mark.parametrize("size", [10, 4, 2])
+def test_bin_bound_holds_on_worst_case_patches(size: int) -> None:
+    """Hard 0/1 patterns (checkerboards, stripes, random) never reach the clamp slot."""
+    ops = proportions._operators(size, size, 64, dtype=torch.float64, device="cpu", exact=False)
+    n_bins = patch_entropy_cpu.bins_needed(*(t.numpy() for t in ops))
+    yy, xx = np.mgrid[:size, :size]
+    patterns = [(yy + xx) % 2, yy % 2, xx % 2, xx >= size // 2, (yy >= size // 2) ^ (xx >= size // 2)]
+    patterns += list(np.random.default_rng(0).integers(0, 2, (200, size, size)))
+    patches = torch.from_numpy(np.stack(patterns).astype(np.float64))
+    patches = torch.cat([patches, 1 - patches])
+    gx, gy = proportions._gradients(patches, ops, 64)
+    top = int(torch.sqrt(gx**2 + gy**2).max())
+    assert top <= n_bins - 2  # the last slot only guards against float rounding
+    assert top >= (n_bins - 2) // 2  # and the bound is not vacuous
+
+
+def test_fused_is_the_cpu_default_and_torch_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    real = patch_entropy_cpu.class_complexity
+
+    def counting(patches: torch.Tensor, ops: patch_entropy_cpu.FusedOperators) -> torch.Tensor:
+        calls.append(tuple(patches.shape))
+        return real(patches, ops)
+
+    monkeypatch.setattr(patch_entropy_cpu, "class_complexity", counting)
+    images = photo(125, 93)  # 12 x 9 full patches, a 3-pixel right and a 5-pixel bottom remainder
+    auto = patch_complexity(images)
+    assert {shape[1:] for shape in calls} == {(10, 10), (10, 3), (5, 10), (5, 3)}
+    assert calls[0] == (108, 10, 10)
+    calls.clear()
+    torch_only = patch_complexity(images, backend="torch")
+    assert calls == []
+    np.testing.assert_array_equal(auto.numpy() > 50, torch_only.numpy() > 50)
+
+
+def test_same_result_on_any_thread_count() -> None:
+    images = photo(200, 170)
+    torch.set_num_threads(1)
+    one = patch_complexity(images, backend="fused")
+    torch.set_num_threads(2)
+    try:
+        two = patch_complexity(images, backend="fused")
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_backend_errors() -> None:
+    with pytest.raises(ValueError, match="backend must be"):
+        patch_complexity(photo(), backend="numba")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CPU kernel"):
+        patch_complexity(torch.zeros(1, 3, 8, 8, device="meta"), backend="fused")
+    with pytest.raises(ValueError, match="dtype must be"):
+        patch_complexity(photo(), dtype=torch.float16)
+    with pytest.raises(ValueError, match="CPU kernel"):
+        RewardConfig(proportions_backend="fused", device="cuda")
