@@ -90,8 +90,9 @@ def patch_complexity(
 
     ``images`` is RGB [B, 3, H, W] (uint8 or float in [0, 1]).  With ``dtype=float32`` the patches
     whose complexity lands within 0.5 of ``threshold`` are recomputed in float64 with np.histogram's
-    rules, so float32 rounding cannot flip a detailed/smooth decision (float32 moves a complexity by
-    ~1e-2 at most: a few of 4096 values crossing a bin edge).  ``backend="fused"`` (CPU images
+    rules, so float32 rounding cannot flip a detailed/smooth decision: one of 4096 values crossing
+    a bin edge moves a 10x10 complexity by 0.33 at most, and over 40k patches of the scikit-image
+    photos 0.1% of patches moved at all, by 0.1 at most (either backend).  ``backend="fused"`` (CPU images
     only) runs the fast-path size classes through the fused CPU kernel; classes whose magnitudes
     can leave the histogram range always take the exact torch path.
     """
