@@ -90,74 +90,68 @@ def bins_needed(row_op: np.ndarray, col_x: np.ndarray, col_y: np.ndarray) -> int
     return math.floor(top) + 2  # +1 for bin 0, +1 for float rounding
 
 
-@numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
+@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _complexities(  # noqa: PLR0917 (a numba kernel takes its arrays positionally)
-    patches, col_x, col_y, row_start, row_weights, n_bins, entropy_terms, n_chunks, out
+    patches, col_x, col_y, row_start, row_weights, n_bins, entropy_terms, out
 ):  # pragma: no cover
-    """patches [n, ph, pw] in [0, 1]; col_* [pw, r]; row_* [2r] / [2r, 3]; out [n] f64.
+    """patches [n, ph, pw] 8-bit gray (any int); col_* [pw, r]; row_* [2r] / [2r, 3]; out [n] f64.
 
     Compiled once per float dtype (float32 for speed, float64 for the borderline re-check).
     """
     n, ph, pw = patches.shape
     r = col_x.shape[1]
     top_bin = col_x.dtype.type(n_bins - 1)
-    for chunk in numba.prange(n_chunks):
-        tx = np.zeros((ph + TAPS - 1, r), col_x.dtype)  # rows past ph stay 0: taps may reach them
-        ty = np.zeros((ph + TAPS - 1, r), col_x.dtype)
-        bins = np.zeros(r, np.uint8)
-        hist = np.zeros((_SUB_HISTOGRAMS, n_bins), np.int32)
-        for p in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
-            for u in range(ph):  # column operators: tx = P @ col_x, ty = P @ col_y
-                txu = tx[u]
-                tyu = ty[u]
-                txu[:] = 0.0
-                tyu[:] = 0.0
-                for v in range(pw):
-                    value = patches[p, u, v]
-                    cx = col_x[v]
-                    cy = col_y[v]
-                    for j in range(r):
-                        txu[j] += value * cx[j]
-                        tyu[j] += value * cy[j]
-            hist[:] = 0
-            for i in range(r):  # row operators, magnitude, bin, count: one output row at a time
-                ux, uy = row_start[i], row_start[r + i]
-                a0, a1, a2 = row_weights[i, 0], row_weights[i, 1], row_weights[i, 2]
-                b0, b1, b2 = row_weights[r + i, 0], row_weights[r + i, 1], row_weights[r + i, 2]
-                x0, x1, x2 = tx[ux], tx[ux + 1], tx[ux + 2]
-                y0, y1, y2 = ty[uy], ty[uy + 1], ty[uy + 2]
+    tx = np.zeros((ph + TAPS - 1, r), col_x.dtype)  # rows past ph stay 0: taps may reach them
+    ty = np.zeros((ph + TAPS - 1, r), col_x.dtype)
+    bins = np.zeros(r, np.uint8)
+    hist = np.zeros((_SUB_HISTOGRAMS, n_bins), np.int32)
+    for p in range(n):
+        for u in range(ph):  # column operators: tx = P @ col_x, ty = P @ col_y
+            txu = tx[u]
+            tyu = ty[u]
+            txu[:] = 0.0
+            tyu[:] = 0.0
+            for v in range(pw):
+                value = col_x.dtype.type(patches[p, u, v]) / col_x.dtype.type(255.0)
+                cx = col_x[v]
+                cy = col_y[v]
                 for j in range(r):
-                    gx = a0 * x0[j] + a1 * x1[j] + a2 * x2[j]
-                    gy = b0 * y0[j] + b1 * y1[j] + b2 * y2[j]
-                    bins[j] = np.uint8(min(np.sqrt(gx * gx + gy * gy), top_bin))
-                for j in range(0, r - _SUB_HISTOGRAMS + 1, _SUB_HISTOGRAMS):
-                    for k in range(_SUB_HISTOGRAMS):
-                        hist[k, bins[j + k]] += 1
-                for j in range(r - r % _SUB_HISTOGRAMS, r):
-                    hist[0, bins[j]] += 1
-            entropy = 0.0
-            for b in range(n_bins):
-                count = 0
+                    txu[j] += value * cx[j]
+                    tyu[j] += value * cy[j]
+        hist[:] = 0
+        for i in range(r):  # row operators, magnitude, bin, count: one output row at a time
+            ux, uy = row_start[i], row_start[r + i]
+            a0, a1, a2 = row_weights[i, 0], row_weights[i, 1], row_weights[i, 2]
+            b0, b1, b2 = row_weights[r + i, 0], row_weights[r + i, 1], row_weights[r + i, 2]
+            x0, x1, x2 = tx[ux], tx[ux + 1], tx[ux + 2]
+            y0, y1, y2 = ty[uy], ty[uy + 1], ty[uy + 2]
+            for j in range(r):
+                gx = a0 * x0[j] + a1 * x1[j] + a2 * x2[j]
+                gy = b0 * y0[j] + b1 * y1[j] + b2 * y2[j]
+                bins[j] = np.uint8(min(np.sqrt(gx * gx + gy * gy), top_bin))
+            for j in range(0, r - _SUB_HISTOGRAMS + 1, _SUB_HISTOGRAMS):
                 for k in range(_SUB_HISTOGRAMS):
-                    count += hist[k, b]
-                entropy += entropy_terms[count]
-            out[p] = entropy * (ph * pw)
+                    hist[k, bins[j + k]] += 1
+            for j in range(r - r % _SUB_HISTOGRAMS, r):
+                hist[0, bins[j]] += 1
+        entropy = 0.0
+        for b in range(n_bins):
+            count = 0
+            for k in range(_SUB_HISTOGRAMS):
+                count += hist[k, b]
+            entropy += entropy_terms[count]
+        out[p] = entropy * (ph * pw)
 
 
-def class_complexity(patches: torch.Tensor, ops: FusedOperators) -> torch.Tensor:
-    """Complexities [n] float64 of same-size gray patches [n, ph, pw] in [0, 1] (CPU, ``ops``' dtype).
+def class_complexity(patches8: torch.Tensor, ops: FusedOperators) -> torch.Tensor:
+    """Complexities [n] float64 of same-size 8-bit gray patches [n, ph, pw] (CPU), in ``ops``' dtype.
 
-    Runs on ``torch.get_num_threads()`` threads, so a reward actor's CPU budget holds here too.
+    One thread: a reward actor scales by actors, and a numba thread pool would share (and reset)
+    torch's OpenMP thread count.
     """
-    assert patches.device.type == "cpu", patches.device
-    array = np.ascontiguousarray(patches.numpy())
-    assert array.dtype == ops.col_x.dtype and array.shape[2] == ops.col_x.shape[0], (array.dtype, ops.col_x.shape)
+    assert patches8.device.type == "cpu" and not patches8.is_floating_point(), (patches8.device, patches8.dtype)
+    array = np.ascontiguousarray(patches8.numpy())
+    assert array.shape[2] == ops.col_x.shape[0], (array.shape, ops.col_x.shape)
     out = np.empty(array.shape[0], dtype=np.float64)
-    if array.shape[0]:
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(threads)
-        n_chunks = min(array.shape[0], 4 * threads)
-        _complexities(
-            array, ops.col_x, ops.col_y, ops.row_start, ops.row_weights, ops.n_bins, ops.entropy_terms, n_chunks, out
-        )
+    _complexities(array, ops.col_x, ops.col_y, ops.row_start, ops.row_weights, ops.n_bins, ops.entropy_terms, out)
     return torch.from_numpy(out)

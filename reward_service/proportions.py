@@ -205,7 +205,7 @@ def _class_complexity(
     kernel_dtype = torch.float64 if exact else dtype
     kernel = _fused_operators(ph, pw, resize, kernel_dtype) if fused and in_range else None
     if kernel is not None:
-        return patch_entropy_cpu.class_complexity(patches8.to(kernel_dtype) / 255.0, kernel)
+        return patch_entropy_cpu.class_complexity(patches8, kernel)
     exact = exact or not in_range
     patches = patches8.to(torch.float64 if exact else dtype) / 255.0
     ops = _operators(ph, pw, resize, dtype=patches.dtype, device=str(patches.device), exact=exact)

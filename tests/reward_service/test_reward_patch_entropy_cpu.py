@@ -77,16 +77,11 @@ def test_fused_is_the_cpu_default_and_torch_is_not_fused(monkeypatch: pytest.Mon
     np.testing.assert_array_equal(auto.numpy() > 50, torch_only.numpy() > 50)
 
 
-def test_same_result_on_any_thread_count() -> None:
-    images = photo(200, 170)
+def test_torch_thread_count_is_left_alone() -> None:
+    """A numba thread pool (OpenMP layer) would reset torch's thread count to the core count."""
     torch.set_num_threads(1)
-    one = patch_complexity(images, backend="fused")
-    torch.set_num_threads(2)
-    try:
-        two = patch_complexity(images, backend="fused")
-    finally:
-        torch.set_num_threads(1)
-    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    patch_complexity(photo(), backend="fused")
+    assert torch.get_num_threads() == 1
 
 
 def test_backend_errors() -> None:
