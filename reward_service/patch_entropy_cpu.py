@@ -11,7 +11,7 @@ store-to-load chain on the bins that most values share (bin 0 in smooth regions)
 
 Only the fast path of ``proportions`` is fused: every magnitude inside the histogram range, so
 the bin is the truncated magnitude in bin widths and every patch has exactly r*r counts.  The
-caller re-checks borderline patches in float64, exactly as it does for the torch float32 path.
+borderline re-check runs the same kernel in float64 with np.histogram's edge rules (``edges``).
 """
 
 from __future__ import annotations
@@ -32,24 +32,42 @@ MAX_BINS = 256  # bins are stored as uint8
 class FusedOperators:
     """The kernel's operands for one patch size and float dtype (all in bin widths, like the torch path)."""
 
+    patch_shape: tuple[int, int]  # (ph, pw): the kernel indexes unchecked, so patches must match
     col_x: np.ndarray  # [pw, r] column operator of gx (derivative x bilinear, transposed)
     col_y: np.ndarray  # [pw, r] column operator of gy (smooth x bilinear, transposed)
     row_start: np.ndarray  # [2r] int64: first source row of each output row (gx rows, then gy rows)
     row_weights: np.ndarray  # [2r, TAPS] weights of those source rows
     n_bins: int  # histogram slots that can be hit (see bins_needed)
     entropy_terms: np.ndarray  # [r*r + 1] float64: the entropy term of each possible bin count
+    edges: np.ndarray | None  # None: operators in bin widths, bins truncated; [513]: np.histogram's edges
 
     @classmethod
-    def build(
-        cls, row_op: np.ndarray, col_x: np.ndarray, col_y: np.ndarray, entropy_terms: np.ndarray, dtype: np.dtype
+    def build(  # noqa: PLR0917
+        cls,
+        row_op: np.ndarray,
+        col_x: np.ndarray,
+        col_y: np.ndarray,
+        entropy_terms: np.ndarray,
+        dtype: np.dtype,
+        edges: np.ndarray | None = None,
     ) -> FusedOperators | None:
-        """From float64 operators (row [2r, ph], columns [pw, r]); None where the kernel does not apply."""
+        """From float64 operators (row [2r, ph], columns [pw, r]); None where the kernel does not apply.
+
+        Without ``edges`` the column operators are in bin widths (the fast path); with np.histogram's
+        ``edges`` they are in pixel units and the kernel bins by np.histogram's rules (float64 only).
+        """
         taps = row_taps(row_op)
-        n_bins = bins_needed(row_op, col_x, col_y)
-        if taps is None or n_bins > MAX_BINS:
+        if taps is None:
             return None
+        width = 1.0 if edges is None else float(edges[1] - edges[0])
+        # Callers fuse only classes whose magnitudes stay below the histogram's end (bin 255 at most),
+        # so capping the float-rounding slot at MAX_BINS clamps exactly like np.histogram's closed last bin.
+        n_bins = min(bins_needed(row_op, col_x / width, col_y / width), MAX_BINS)
+        patch_shape = (row_op.shape[1], col_x.shape[0])
         col_x, col_y = (np.ascontiguousarray(m, dtype=dtype) for m in (col_x, col_y))
-        return cls(col_x, col_y, taps[0], taps[1].astype(dtype), n_bins, np.ascontiguousarray(entropy_terms))
+        terms = np.ascontiguousarray(entropy_terms)
+        assert edges is None or dtype == np.float64, dtype
+        return cls(patch_shape, col_x, col_y, taps[0], taps[1].astype(dtype), n_bins, terms, edges)
 
 
 def row_taps(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -90,13 +108,29 @@ def bins_needed(row_op: np.ndarray, col_x: np.ndarray, col_y: np.ndarray) -> int
     return math.floor(top) + 2  # +1 for bin 0, +1 for float rounding
 
 
+@numba.njit(cache=True, inline="always")
+def _histogram_bin(m, edges, norm, top):  # pragma: no cover
+    """np.histogram's bin of a magnitude m in [0, edges[-1]], counted from the middle edge (0.0).
+
+    ``norm`` is np.histogram's ``n_bins / (last_edge - first_edge)``; the estimate from it is then
+    corrected against the edges, as np.histogram does.
+    """
+    n = edges.shape[0] - 1
+    i = min(int((m - edges[0]) * norm), n - 1)
+    if m < edges[i]:
+        i -= 1
+    elif i != n - 1 and m >= edges[i + 1]:
+        i += 1
+    return np.uint8(min(i - n // 2, top))
+
+
 @numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _complexities(  # noqa: PLR0917 (a numba kernel takes its arrays positionally)
-    patches, col_x, col_y, row_start, row_weights, n_bins, entropy_terms, out
+    patches, col_x, col_y, row_start, row_weights, n_bins, entropy_terms, edges, out
 ):  # pragma: no cover
     """patches [n, ph, pw] 8-bit gray (any int); col_* [pw, r]; row_* [2r] / [2r, 3]; out [n] f64.
 
-    Compiled once per float dtype (float32 for speed, float64 for the borderline re-check).
+    Compiled once per (input integer dtype, operator float dtype) pair; the fast path uses float32.
     """
     n, ph, pw = patches.shape
     r = col_x.shape[1]
@@ -104,6 +138,7 @@ def _complexities(  # noqa: PLR0917 (a numba kernel takes its arrays positionall
     tx = np.zeros((ph + TAPS - 1, r), col_x.dtype)  # rows past ph stay 0: taps may reach them
     ty = np.zeros((ph + TAPS - 1, r), col_x.dtype)
     bins = np.zeros(r, np.uint8)
+    mags = np.zeros(r, col_x.dtype)
     hist = np.zeros((_SUB_HISTOGRAMS, n_bins), np.int32)
     for p in range(n):
         for u in range(ph):  # column operators: tx = P @ col_x, ty = P @ col_y
@@ -125,10 +160,19 @@ def _complexities(  # noqa: PLR0917 (a numba kernel takes its arrays positionall
             b0, b1, b2 = row_weights[r + i, 0], row_weights[r + i, 1], row_weights[r + i, 2]
             x0, x1, x2 = tx[ux], tx[ux + 1], tx[ux + 2]
             y0, y1, y2 = ty[uy], ty[uy + 1], ty[uy + 2]
-            for j in range(r):
-                gx = a0 * x0[j] + a1 * x1[j] + a2 * x2[j]
-                gy = b0 * y0[j] + b1 * y1[j] + b2 * y2[j]
-                bins[j] = np.uint8(min(np.sqrt(gx * gx + gy * gy), top_bin))
+            if edges is not None:  # the float64 re-check (numba prunes this branch when edges is None)
+                norm = (edges.shape[0] - 1) / (edges[-1] - edges[0])
+                for j in range(r):
+                    gx = a0 * x0[j] + a1 * x1[j] + a2 * x2[j]
+                    gy = b0 * y0[j] + b1 * y1[j] + b2 * y2[j]
+                    mags[j] = np.sqrt(gx * gx + gy * gy)
+                for j in range(r):
+                    bins[j] = _histogram_bin(mags[j], edges, norm, n_bins - 1)
+            else:  # the fast path: magnitudes in bin widths, truncated
+                for j in range(r):
+                    gx = a0 * x0[j] + a1 * x1[j] + a2 * x2[j]
+                    gy = b0 * y0[j] + b1 * y1[j] + b2 * y2[j]
+                    bins[j] = np.uint8(min(np.sqrt(gx * gx + gy * gy), top_bin))
             for j in range(0, r - _SUB_HISTOGRAMS + 1, _SUB_HISTOGRAMS):
                 for k in range(_SUB_HISTOGRAMS):
                     hist[k, bins[j + k]] += 1
@@ -151,7 +195,10 @@ def class_complexity(patches8: torch.Tensor, ops: FusedOperators) -> torch.Tenso
     """
     assert patches8.device.type == "cpu" and not patches8.is_floating_point(), (patches8.device, patches8.dtype)
     array = np.ascontiguousarray(patches8.numpy())
-    assert array.shape[2] == ops.col_x.shape[0], (array.shape, ops.col_x.shape)
+    assert array.shape[1:] == ops.patch_shape, (array.shape, ops.patch_shape)
+    assert ops.col_y.dtype == ops.row_weights.dtype == ops.col_x.dtype, (ops.col_y.dtype, ops.row_weights.dtype)
     out = np.empty(array.shape[0], dtype=np.float64)
-    _complexities(array, ops.col_x, ops.col_y, ops.row_start, ops.row_weights, ops.n_bins, ops.entropy_terms, out)
+    _complexities(
+        array, ops.col_x, ops.col_y, ops.row_start, ops.row_weights, ops.n_bins, ops.entropy_terms, ops.edges, out
+    )
     return torch.from_numpy(out)

@@ -92,9 +92,11 @@ def patch_complexity(
     whose complexity lands within 0.5 of ``threshold`` are recomputed in float64 with np.histogram's
     rules, so float32 rounding cannot flip a detailed/smooth decision: one of 4096 values crossing
     a bin edge moves a 10x10 complexity by 0.33 at most, and over 40k patches of the scikit-image
-    photos 0.1% of patches moved at all, by 0.1 at most (either backend).  ``backend="fused"`` (CPU images
-    only) runs the fast-path size classes through the fused CPU kernel; classes whose magnitudes
-    can leave the histogram range always take the exact torch path.
+    photos 0.1% of patches moved at all, by 0.1 at most (either backend).
+
+    ``backend="fused"`` (CPU images only) runs the size classes whose magnitudes stay inside the
+    histogram range through the fused CPU kernel, the float64 re-check included; the others take
+    the exact torch path.
     """
     fused = _use_fused(backend, images, dtype)
     g8 = to_gray8(images, gray)
@@ -195,16 +197,16 @@ def _class_complexity(
     The fast path is valid when no magnitude can reach the histogram's upper end, which holds
     whenever a patch is upsampled by more than ~2x (|Sobel| <= 8 * sqrt(2) * ph / resize): then every
     patch has exactly resize^2 values in range, bins are truncated magnitudes and the entropy is a
-    table lookup per bin count.  There ``exact`` (float64, np.histogram's rules) and the fast path
-    in float64 bin the same way, so the fused kernel serves both.
-    Otherwise, and for ``exact`` on the torch path, np.histogram's rules are followed in float64.
+    table lookup per bin count.  Otherwise, and for ``exact``, np.histogram's rules are followed in
+    float64: edges compared as np.histogram does, not magnitudes truncated in bin widths (a value
+    on an edge may differ).  ``fused`` runs the in-range classes, exact or not, in the CPU kernel.
     """
     n, ph, pw = patches8.shape
     bound = 8 * math.sqrt(2) * min(1.0, max(ph, pw) / resize)  # largest possible Sobel magnitude
     in_range = bound < HIST_RANGE
-    kernel_dtype = torch.float64 if exact else dtype
-    kernel = _fused_operators(ph, pw, resize, kernel_dtype) if fused and in_range else None
-    if kernel is not None:
+    if fused and in_range:
+        kernel = _fused_operators(ph, pw, resize, torch.float64 if exact else dtype, exact=exact)
+        assert kernel is not None, (ph, pw, resize)  # upsampled > 2x: at most three taps per row
         return patch_entropy_cpu.class_complexity(patches8, kernel)
     exact = exact or not in_range
     patches = patches8.to(torch.float64 if exact else dtype) / 255.0
@@ -267,11 +269,14 @@ def _entropy_terms(r: int, device: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _fused_operators(ph: int, pw: int, r: int, dtype: torch.dtype) -> patch_entropy_cpu.FusedOperators | None:
+def _fused_operators(
+    ph: int, pw: int, r: int, dtype: torch.dtype, *, exact: bool
+) -> patch_entropy_cpu.FusedOperators | None:
     """The fused kernel's operands for one patch size, or None where it does not apply (downsampling)."""
-    a, bx, by = (t.numpy() for t in _operators(ph, pw, r, dtype=torch.float64, device="cpu", exact=False))
+    a, bx, by = (t.numpy() for t in _operators(ph, pw, r, dtype=torch.float64, device="cpu", exact=exact))
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    return patch_entropy_cpu.FusedOperators.build(a, bx, by, _entropy_terms(r, "cpu").numpy(), np_dtype)
+    edges = np.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1) if exact else None  # np.histogram's own edges
+    return patch_entropy_cpu.FusedOperators.build(a, bx, by, _entropy_terms(r, "cpu").numpy(), np_dtype, edges)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,9 +1,13 @@
-"""Reward-service test helpers: synthetic rollout record batches."""
+"""Reward-service test helpers: synthetic rollout record batches, and SPEC section 4 read naively.
+
+The naive patch loop is also the baseline of ``benchmarks/bench_proportions.py``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -33,6 +37,35 @@ def make_rollout_batch(
         generate_seconds=np.zeros(n),
     )
     return encode_rollout(groups)
+
+
+def naive_complexity(rgb: np.ndarray, gray: str = "opencv_bgr", ps: int = 10, r: int = 64) -> np.ndarray:
+    """SPEC 4 literally: one loop iteration per patch, cv2 + np.histogram.  rgb [H, W, 3] uint8."""
+    code = cv2.COLOR_BGR2GRAY if gray == "opencv_bgr" else cv2.COLOR_RGB2GRAY
+    g = cv2.cvtColor(rgb, code) / 255.0
+    h, w = g.shape
+    out = np.zeros((-(-h // ps), -(-w // ps)))
+    for a, i in enumerate(range(0, h, ps)):
+        for b, j in enumerate(range(0, w, ps)):
+            patch = g[i : i + ps, j : j + ps]
+            big = cv2.resize(patch, (r, r), interpolation=cv2.INTER_LINEAR)
+            gx = cv2.Sobel(big, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            gy = cv2.Sobel(big, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            hist, _ = np.histogram(np.sqrt(gx**2 + gy**2), bins=512, range=(-5.5, 5.5))
+            p = hist / (hist.sum() + 1e-5)
+            out[a, b] = -np.sum(p * np.log2(p + 1e-10)) * patch.shape[0] * patch.shape[1]
+    return out
+
+
+def naive_rho_s(rgb: np.ndarray, comp: np.ndarray, ps: int = 10, threshold: float = 50.0) -> float:
+    """Pixel fraction of the non-detailed patches, one patch at a time."""
+    h, w = rgb.shape[:2]
+    smooth = 0
+    for a, i in enumerate(range(0, h, ps)):
+        for b, j in enumerate(range(0, w, ps)):
+            if comp[a, b] <= threshold:
+                smooth += min(ps, h - i) * min(ps, w - j)
+    return smooth / (h * w)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 from reward_service import patch_entropy_cpu, proportions
 from reward_service.config import RewardConfig
 from reward_service.proportions import patch_complexity
+from tests.reward_service.conftest import naive_complexity
 
 
 def photo(h: int = 120, w: int = 90) -> torch.Tensor:
@@ -39,7 +40,7 @@ def test_downsampling_is_not_fused() -> None:
     """A patch larger than twice the resize spans more than three source rows per output row."""
     a = proportions._operators(10, 10, 4, dtype=torch.float64, device="cpu", exact=False)[0].numpy()
     assert patch_entropy_cpu.row_taps(a) is None
-    assert proportions._fused_operators(10, 10, 4, torch.float32) is None
+    assert proportions._fused_operators(10, 10, 4, torch.float32, exact=False) is None
 
 
 @pytest.mark.parametrize("size", [10, 4, 2])
@@ -58,7 +59,9 @@ def test_bin_bound_holds_on_worst_case_patches(size: int) -> None:
     assert top >= (n_bins - 2) // 2  # and the bound is not vacuous
 
 
-def test_fused_is_the_cpu_default_and_torch_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Shapes of the patch batches that reach the fused kernel."""
     calls: list[tuple[int, ...]] = []
     real = patch_entropy_cpu.class_complexity
 
@@ -67,21 +70,72 @@ def test_fused_is_the_cpu_default_and_torch_is_not_fused(monkeypatch: pytest.Mon
         return real(patches, ops)
 
     monkeypatch.setattr(patch_entropy_cpu, "class_complexity", counting)
+    return calls
+
+
+def test_fused_is_the_cpu_default_and_torch_is_not_fused(kernel_calls: list[tuple[int, ...]]) -> None:
     images = photo(125, 93)  # 12 x 9 full patches, a 3-pixel right and a 5-pixel bottom remainder
     auto = patch_complexity(images)
-    assert {shape[1:] for shape in calls} == {(10, 10), (10, 3), (5, 10), (5, 3)}
-    assert calls[0] == (108, 10, 10)
-    calls.clear()
+    assert {shape[1:] for shape in kernel_calls} == {(10, 10), (10, 3), (5, 10), (5, 3)}
+    assert kernel_calls[0] == (108, 10, 10)
+    kernel_calls.clear()
     torch_only = patch_complexity(images, backend="torch")
-    assert calls == []
+    assert kernel_calls == []
     np.testing.assert_array_equal(auto.numpy() > 50, torch_only.numpy() > 50)
+
+
+@pytest.mark.parametrize(("patch_size", "resize"), [(10, 33), (5, 21), (3, 7), (31, 64)])
+def test_other_sizes_match_naive(kernel_calls: list[tuple[int, ...]], patch_size: int, resize: int) -> None:
+    """Resizes that are not a multiple of the 8 sub-histograms, and a patch needing all 256 bins."""
+    rgb = np.ascontiguousarray(photo(67, 71)[0].permute(1, 2, 0).numpy())
+    ref = naive_complexity(rgb, ps=patch_size, r=resize)
+    got = patch_complexity(photo(67, 71), patch_size=patch_size, resize=resize, backend="fused")[0].numpy()
+    assert kernel_calls, "the fused kernel was not used"
+    assert np.abs(got - ref).max() < 0.1
+    np.testing.assert_array_equal(got > 50, ref > 50)
+
+
+def test_exact_bin_rule_is_np_histogram() -> None:
+    """On the edges themselves, one ulp either side, and in between: np.histogram's bin, exactly."""
+    edges = np.linspace(-5.5, 5.5, 513)
+    upper = edges[256:]  # magnitudes are >= 0: the middle edge is 0.0 exactly
+    values = np.concatenate([upper, np.nextafter(upper, -np.inf)[1:], np.nextafter(upper, np.inf)[:-1]])
+    values = np.concatenate([values, (upper[:-1] + upper[1:]) / 2, [0.0, 5.5]])
+    expected = np.array([np.histogram([v], bins=512, range=(-5.5, 5.5))[0].argmax() - 256 for v in values])
+    norm = 512 / (edges[-1] - edges[0])  # as np.histogram computes it
+    got = np.array([patch_entropy_cpu._histogram_bin(v, edges, norm, 255) for v in values])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_exact_mode_matches_the_torch_exact_path() -> None:
+    """The float64 re-check in the kernel against the torch np.histogram-rules path, 2601 patches.
+
+    Both compute float64 magnitudes in their own operation order, so a magnitude that lies on a bin
+    edge in exact arithmetic can round to either side (one value of this photo does): equal up to
+    such values, and identical decisions.
+    """
+    from skimage import data
+
+    rgb = np.ascontiguousarray(data.astronaut()[:510, :510])
+    g8 = proportions.to_gray8(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    patches8 = next(iter(proportions._size_classes(g8, 10)))[2]
+    fused = proportions._class_complexity(patches8, 64, 64, torch.float64, exact=True, fused=True)
+    reference = proportions._class_complexity(patches8, 64, 64, torch.float64, exact=True, fused=False)
+    diff = (fused - reference).abs()
+    assert float(diff.max()) < 0.05 and float(diff.median()) < 1e-12
+    assert int((diff > 1e-9).sum()) <= 2
+    torch.testing.assert_close(fused > 50, reference > 50)
 
 
 def test_torch_thread_count_is_left_alone() -> None:
     """A numba thread pool (OpenMP layer) would reset torch's thread count to the core count."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    patch_complexity(photo(), backend="fused")
-    assert torch.get_num_threads() == 1
+    try:
+        patch_complexity(photo(), backend="fused")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_backend_errors() -> None:
