@@ -6,11 +6,11 @@ on a CPU those passes, not the arithmetic, set the time.  This kernel does the s
 algebra per patch with every intermediate in L1: the column operators as a dense
 [ph, pw] x [pw, r] product, the row operators as three taps per output row (a smoothed bilinear
 row has at most three non-zeros when the patch is upsampled 2x or more), then magnitude, bin and
-count in one pass over each output row, and the entropy from the counts.  Eight interleaved sub-histograms break the
-store-to-load chain on the bins that most values share (bin 0 in smooth regions).
+count in one pass over each output row, and the entropy from the counts.  Eight interleaved
+sub-histograms break the store-to-load chain on the bins most values share (bin 0 when smooth).
 
-Only the fast path of ``proportions`` is fused: every magnitude inside the histogram range, so
-the bin is the truncated magnitude in bin widths and every patch has exactly r*r counts.  The
+Only size classes whose magnitudes stay inside the histogram range are fused, so every patch has
+exactly r*r counts.  The fast path (float32) bins by truncating magnitudes in bin widths; the
 borderline re-check runs the same kernel in float64 with np.histogram's edge rules (``edges``).
 """
 
@@ -130,7 +130,8 @@ def _complexities(  # noqa: PLR0917 (a numba kernel takes its arrays positionall
 ):  # pragma: no cover
     """patches [n, ph, pw] 8-bit gray (any int); col_* [pw, r]; row_* [2r] / [2r, 3]; out [n] f64.
 
-    Compiled once per (input integer dtype, operator float dtype) pair; the fast path uses float32.
+    numba compiles one version per argument types: float32 without edges (the fast path, the
+    ``edges is not None`` branch pruned) and float64 with edges (the re-check).
     """
     n, ph, pw = patches.shape
     r = col_x.shape[1]
