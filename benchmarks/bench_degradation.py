@@ -15,7 +15,16 @@ from collections.abc import Callable
 import torch
 
 from rollout import kernels as K
-from rollout.degradation import DegradationConfig, blur, degrade, gaussian_noise, jpeg, poisson_noise, resize
+from rollout.degradation import (
+    DegradationConfig,
+    blur,
+    degrade,
+    draw_kernels,
+    gaussian_noise,
+    jpeg,
+    poisson_noise,
+    resize,
+)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -33,20 +42,6 @@ def bench_pipeline(hr: torch.Tensor, config: DegradationConfig, seeds: int) -> l
     return [timed(lambda s=s: degrade(hr, torch.Generator().manual_seed(s), config), hr.device) for s in range(seeds)]
 
 
-def _random_kernel(g: torch.Generator) -> torch.Tensor:
-    cfg = DegradationConfig()
-    return K.random_blur_kernel(
-        g,
-        sizes=cfg.kernel_sizes,
-        sinc_prob=cfg.sinc_prob,
-        kinds=cfg.kernel_list,
-        probs=cfg.kernel_prob,
-        sigma_range=cfg.blur_sigma,
-        betag_range=cfg.betag_range,
-        betap_range=cfg.betap_range,
-    )
-
-
 def bench_stages(hr: torch.Tensor, repeats: int) -> dict[str, float]:
     b = hr.shape[0]
     g = torch.Generator().manual_seed(0)
@@ -58,7 +53,7 @@ def bench_stages(hr: torch.Tensor, repeats: int) -> dict[str, float]:
         "gaussian noise": lambda: gaussian_noise(hr, g, zeros + 10 / 255, zeros),
         "poisson noise": lambda: poisson_noise(hr, g, zeros + 1.0, zeros),
         "jpeg q=75": lambda: jpeg(hr, torch.full((b,), 75.0)),
-        "draw 3xB kernels": lambda: [_random_kernel(g) for _ in range(3 * b)],
+        "draw 3xB kernels": lambda: draw_kernels(b, g, DegradationConfig(), hr.device),
     }
     out = {}
     for name, fn in stages.items():

@@ -30,7 +30,7 @@ MAX_BINS = 256  # bins are stored as uint8
 
 @dataclass(frozen=True, eq=False)
 class FusedOperators:
-    """The kernel's operands for one patch size and float dtype (all in bin widths, like the torch path)."""
+    """The kernel's operands for one patch size and float dtype (columns in bin widths unless ``edges``)."""
 
     patch_shape: tuple[int, int]  # (ph, pw): the kernel indexes unchecked, so patches must match
     col_x: np.ndarray  # [pw, r] column operator of gx (derivative x bilinear, transposed)
@@ -42,12 +42,13 @@ class FusedOperators:
     edges: np.ndarray | None  # None: operators in bin widths, bins truncated; [513]: np.histogram's edges
 
     @classmethod
-    def build(  # noqa: PLR0917
+    def build(
         cls,
         row_op: np.ndarray,
         col_x: np.ndarray,
         col_y: np.ndarray,
         entropy_terms: np.ndarray,
+        *,
         dtype: np.dtype,
         edges: np.ndarray | None = None,
     ) -> FusedOperators | None:

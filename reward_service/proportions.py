@@ -276,7 +276,8 @@ def _fused_operators(
     a, bx, by = (t.numpy() for t in _operators(ph, pw, r, dtype=torch.float64, device="cpu", exact=exact))
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     edges = np.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1) if exact else None  # np.histogram's own edges
-    return patch_entropy_cpu.FusedOperators.build(a, bx, by, _entropy_terms(r, "cpu").numpy(), np_dtype, edges)
+    terms = _entropy_terms(r, "cpu").numpy()
+    return patch_entropy_cpu.FusedOperators.build(a, bx, by, terms, dtype=np_dtype, edges=edges)
 
 
 @functools.lru_cache(maxsize=64)

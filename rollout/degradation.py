@@ -169,7 +169,7 @@ def quantize(x: Tensor) -> Tensor:
 
 def _second_order(hr: Tensor, g: torch.Generator, c: DegradationConfig) -> Tensor:
     b, _, h, w = hr.shape
-    kernel1, kernel2, sinc = _draw_kernels(b, g, c, hr.device)
+    kernel1, kernel2, sinc = draw_kernels(b, g, c, hr.device)
     # first degradation: blur, resize by a factor, noise, JPEG
     out = blur(hr, kernel1)
     out = resize(out, _scaled_size((h, w), _resize_factor(g, c.resize_prob, c.resize_range)), _mode(g, c))
@@ -190,7 +190,7 @@ def _second_order(hr: Tensor, g: torch.Generator, c: DegradationConfig) -> Tenso
     return quantize(out)
 
 
-def _draw_kernels(b: int, g: torch.Generator, c: DegradationConfig, device: torch.device) -> tuple[Tensor, ...]:
+def draw_kernels(b: int, g: torch.Generator, c: DegradationConfig, device: torch.device) -> tuple[Tensor, ...]:
     """Three ``[B, 21, 21]`` float32 kernel stacks; drawn even when unused so the RNG stream stays fixed."""
     stage1 = dict(sinc_prob=c.sinc_prob, sigma_range=c.blur_sigma, betag_range=c.betag_range, betap_range=c.betap_range)
     stage2 = dict(

@@ -1,4 +1,4 @@
-"""The fused CPU kernel: its operands, its bounds, its dispatch and its determinism.
+"""The fused CPU kernel: its operands, its bounds, its dispatch, its np.histogram binning.
 
 Its numbers against the naive per-patch loop are pinned in test_reward_proportions.py (every test
 there runs on both backends).
