@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from rollout import kernels as K
-from rollout.degradation import (
+from sr_data import kernels as K
+from sr_data.degradation import (
     DegradationConfig,
     blur,
     degrade,

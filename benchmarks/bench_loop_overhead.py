@@ -29,8 +29,8 @@ def plain_samples_per_second(job, steps: int) -> float:
     from common.weights import build_naosd
     from learner.gdpo_loss import gdpo_loss
     from reward_service.worker import RewardWorker
-    from rollout.data import PairSource
     from rollout.worker import group_seed
+    from sr_data.source import PairSource
 
     model = build_naosd(job.model)
     source, scorer = PairSource(job.data), RewardWorker(job.reward)

@@ -28,7 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 T = TypeVar("T")
 
-SHIPPED_CONFIGS = ("tiny", "paper")
+SHIPPED_CONFIGS = ("tiny", "paper", "tiny_pretrain", "paper_pretrain")
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from torch import Tensor, nn
@@ -34,9 +35,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class ModelConfig:
     """Which weights to load and how NAOSD samples (SPEC section 2)."""
 
-    source: Literal["tiny", "pretrained"] = "tiny"
+    # tiny: the trained tiny default (common/tiny_model); tiny_random: same architecture, random weights;
+    # pretrained: SD 2.1-base from sd_path, NAOSD weights from naosd_path.
+    source: Literal["tiny", "tiny_random", "pretrained"] = "tiny"
     sd_path: str = ""  # local SD 2.1-base diffusers folder (source=pretrained)
-    naosd_path: str = ""  # merged NAOSD/GDPO-SR folder, or a NAOSD training checkpoint file
+    # merged NAOSD/GDPO-SR folder (unet/, vae/) or a NAOSD training checkpoint file; with source=tiny a
+    # folder of the tiny architecture (what `learner.pretrain --config tiny_pretrain` writes) replacing
+    # the committed weights
+    naosd_path: str = ""
     tiny_seed: int = 0
     t_add: int = 250  # noise-injection timestep (150 faithful .. 350 generative)
     t_diff: int = 100  # the UNet's timestep for the one-step denoise
@@ -53,8 +59,10 @@ class ModelConfig:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.source == "pretrained" and not self.sd_path:
             raise ValueError("sd_path (a local SD 2.1-base diffusers folder) is required for source=pretrained")
-        if self.source == "tiny" and (self.sd_path or self.naosd_path):
-            raise ValueError("sd_path/naosd_path are only read with source=pretrained")
+        if self.source != "pretrained" and self.sd_path:
+            raise ValueError(f"sd_path is only read with source=pretrained, not source={self.source}")
+        if self.source == "tiny_random" and self.naosd_path:
+            raise ValueError("naosd_path is not read with source=tiny_random (random weights); use source=tiny")
 
 
 def lora_target_modules(unet: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -100,6 +108,13 @@ def adapter_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionMode
 def q_sample(z: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     """DDPM forward noising ``sqrt(abar) z + sqrt(1 - abar) eps``."""
     return abar_t.sqrt() * z + (1 - abar_t).sqrt() * eps
+
+
+@dataclass(frozen=True)
+class OneStepOutput:
+    sr: Tensor  # [B, 3, H, W] in [-1, 1], clamped
+    z_sr: Tensor  # [B, 4, h, w] the one-step latent estimate (scaled), float32
+    posterior: DiagonalGaussianDistribution  # the VAE encoder's posterior of the LR
 
 
 class NAOSD(nn.Module):
@@ -160,6 +175,14 @@ class NAOSD(nn.Module):
 
     def noise(self, shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
         return randn_tensor(tuple(shape), generator=generator, device=self.alphas_cumprod.device)
+
+    def one_step(self, lr: Tensor, text_emb: Tensor, generator: torch.Generator | None = None) -> OneStepOutput:
+        """The differentiable forward of pre-training: one sample per image, with its latents and posterior."""
+        posterior = self.vae.encode(lr.to(self.vae.dtype)).latent_dist
+        z_lr = posterior.sample(generator=generator) * self.scaling_factor
+        z_noisy = q_sample(z_lr.float(), self.noise(z_lr.shape, generator), self.abar(self.t_add))
+        z_sr = self.denoise(z_noisy, text_emb).float()
+        return OneStepOutput(sr=self.decode(z_sr).float(), z_sr=z_sr, posterior=posterior)
 
     def forward(self, lr: Tensor, text_emb: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One SR sample per image: LR ``[B, 3, H, W]`` (already upscaled) -> SR ``[B, 3, H, W]``."""

@@ -63,16 +63,49 @@ class Telemetry:
         self.wait_fraction = Gauge("gdpo_learner_wait_fraction", "Share of wall time the learner waited", registry=r)
         self.samples_per_second = Gauge("gdpo_samples_per_second", "SR samples trained on per second", registry=r)
 
+        self._endpoint = Endpoint(r)
+
     def serve(self, config: MetricsConfig) -> int:
-        """Start the HTTP endpoint; returns the bound port (0 when disabled)."""
-        if not config.enabled:
-            return 0
-        server, _ = start_http_server(config.port, addr=config.host, registry=self.registry)
-        self._server = server
-        return server.server_address[1]
+        return self._endpoint.serve(config)
 
     def close(self) -> None:
-        server = getattr(self, "_server", None)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        self._endpoint.close()
+
+
+class Endpoint:
+    """The HTTP endpoint of one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry, self._server = registry, None
+
+    def serve(self, config: MetricsConfig) -> int:
+        """Start serving; returns the bound port (0 when disabled)."""
+        if not config.enabled:
+            return 0
+        self._server, _ = start_http_server(config.port, addr=config.host, registry=self.registry)
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class PretrainTelemetry:
+    """Metrics of NAOSD pre-training (``naosd_pretrain_*``)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.step = Gauge("naosd_pretrain_step", "Optimizer steps taken", registry=r)
+        self.loss = Gauge("naosd_pretrain_loss", "Loss terms of the last step (unweighted)", ["term"], registry=r)
+        self.grad_norm = Gauge("naosd_pretrain_grad_norm", "Gradient norm before clipping", ["group"], registry=r)
+        self.step_seconds = Histogram("naosd_pretrain_step_seconds", "Step time", buckets=_SECONDS, registry=r)
+        self.samples = Counter("naosd_pretrain_samples_total", "Training images consumed", registry=r)
+        self._endpoint = Endpoint(r)
+
+    def serve(self, config: MetricsConfig) -> int:
+        return self._endpoint.serve(config)
+
+    def close(self) -> None:
+        self._endpoint.close()

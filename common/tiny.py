@@ -1,13 +1,28 @@
-"""The embedded default model: SD 2.1-base's architecture at toy width, random weights.
+"""The embedded default model: SD 2.1-base's architecture at toy width (SPEC sections 8 and 11).
 
 Same block types as SD 2.1-base (cross-attention down/up blocks with linear
-projections, a plain down/up block at the bottom, a cross-attention mid block),
-4 latent channels, an 8x VAE and the real CLIP tokenizer, but a few hundred
-thousand parameters, so it builds offline in about a second.  Its images and
-scores mean nothing: :data:`TINY_MODEL_NOTICE` says so wherever it runs.
+projections, a plain down/up block at the bottom, a cross-attention mid block;
+a KL VAE with down/up encoder blocks and a mid-block attention), 4 latent
+channels and the real CLIP tokenizer, but about a million parameters.  The VAE
+downsamples **4x**, not SD's 8x: at 8x, four latent channels hold a third of
+the numbers of the x4 LR image, and a VAE this small could not reconstruct the
+LR, let alone beat bicubic (SPEC section 11 allows 4x).
+
+Two sources share this architecture:
+
+- ``source=tiny``: the *trained* default, ``common/tiny_model/`` (``unet/`` and
+  ``vae/``, safetensors), written by ``python -m learner.pretrain --config
+  tiny_pretrain`` (see the README); the text encoder is the seeded random tiny
+  CLIP below (the prompt is empty, so its embedding is a constant);
+- ``source=tiny_random``: the same architecture, randomly initialised, for tests
+  that need no trained weights and for pre-training from scratch.
+
+Neither is the paper's model: :func:`model_notice` says so wherever one runs.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -15,10 +30,25 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from common.clip_vocab import MAX_LENGTH, VOCAB_SIZE
 
-TINY_MODEL_NOTICE = (
-    "NOTE: running the tiny randomly initialised model (model.source=tiny): "
-    "its SR images and rewards are NOT those of pretrained SD 2.1 / NAOSD."
-)
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"  # the committed trained weights
+TINY_MODEL_COMMAND = "python -m learner.pretrain --config tiny_pretrain"
+
+_NOTICES = {
+    "tiny": (
+        "NOTE: model.source=tiny is a ~1M-parameter SD-architecture NAOSD trained from scratch on CPU on a handful "
+        "of photos shipped with scikit-image: real super-resolution at toy scale, NOT the paper's SD 2.1-based "
+        "NAOSD/GDPO-SR, so its images and rewards are not the paper's."
+    ),
+    "tiny_random": (
+        "NOTE: model.source=tiny_random is the tiny SD-architecture model with random weights: "
+        "its SR images are noise and its rewards mean nothing."
+    ),
+}
+
+
+def model_notice(source: str) -> str | None:
+    """What to print when a model of ``source`` runs (None for user-supplied pretrained weights)."""
+    return _NOTICES.get(source)
 
 TINY_TEXT_DIM = 32
 
@@ -54,15 +84,18 @@ def tiny_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
+TINY_VAE_DOWNSAMPLE = 4  # SD's is 8; see the module docstring
+
+
 def tiny_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed + 1)
-    kinds = 4  # four resolutions = three 2x downsamples = SD's 8x
+    kinds = 3  # three resolutions = two 2x downsamples = 4x (SD: four, 8x)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * kinds,
         up_block_types=("UpDecoderBlock2D",) * kinds,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=(16, 32, 32),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,

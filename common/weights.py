@@ -1,7 +1,9 @@
 """Building NAOSD from the weights a user brings, and our own adapter files.
 
 Sources (SPEC section 2):
-- the tiny embedded default (``source=tiny``);
+- the tiny embedded default (``source=tiny``: the committed trained weights in
+  ``common/tiny_model``, or a tiny-architecture folder given as ``naosd_path``;
+  ``source=tiny_random``: the same architecture, random);
 - SD 2.1-base as a local diffusers folder (``sd_path``);
 - on top of it, ``naosd_path``: a merged NAOSD/GDPO-SR diffusers folder
   (``unet/``, ``vae/``), or a NAOSD training checkpoint (see
@@ -69,9 +71,26 @@ def build_policy_unet(config: ModelConfig) -> tuple[UNet2DConditionModel, Tensor
     return unet, scheduler.alphas_cumprod.clone()
 
 
+def build_base(config: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
+                                             DDPMScheduler]:
+    """The NAOSD base weights without any adapter: what pre-training starts from (all modules in train mode)."""
+    text_encoder, tokenizer, scheduler = _text_and_scheduler(config)
+    return _base_unet(config), _base_vae(config), text_encoder, tokenizer, scheduler
+
+
+def _tiny_folder(config: ModelConfig) -> Path:
+    folder = Path(config.naosd_path) if config.naosd_path else tiny.TINY_MODEL_DIR
+    if not (folder / "unet").is_dir() and not config.naosd_path:
+        raise ValueError(f"the trained tiny model is missing from {folder}; rebuild it with "
+                         f"`{tiny.TINY_MODEL_COMMAND}` or use model.source=tiny_random")  # fmt: skip
+    return folder
+
+
 def _base_unet(config: ModelConfig) -> UNet2DConditionModel:
-    if config.source == "tiny":
+    if config.source == "tiny_random":
         return tiny.tiny_unet(config.tiny_seed)
+    if config.source == "tiny":
+        return _from_folder(UNet2DConditionModel, _tiny_folder(config), "unet")
     naosd = Path(config.naosd_path) if config.naosd_path else None
     if naosd is not None and naosd.is_dir():
         return _from_folder(UNet2DConditionModel, naosd, "unet")
@@ -83,8 +102,10 @@ def _base_unet(config: ModelConfig) -> UNet2DConditionModel:
 
 
 def _base_vae(config: ModelConfig) -> AutoencoderKL:
-    if config.source == "tiny":
+    if config.source == "tiny_random":
         return tiny.tiny_vae(config.tiny_seed)
+    if config.source == "tiny":
+        return _from_folder(AutoencoderKL, _tiny_folder(config), "vae")
     naosd = Path(config.naosd_path) if config.naosd_path else None
     if naosd is not None and naosd.is_dir():
         return _from_folder(AutoencoderKL, naosd, "vae")
@@ -98,7 +119,7 @@ def _base_vae(config: ModelConfig) -> AutoencoderKL:
 def _text_and_scheduler(
     config: ModelConfig, *, text: bool = True
 ) -> tuple[CLIPTextModel | None, CLIPTokenizer | None, DDPMScheduler]:
-    if config.source == "tiny":
+    if config.source in ("tiny", "tiny_random"):
         if not text:
             return None, None, tiny.sd21_scheduler()
         return tiny.tiny_text_encoder(config.tiny_seed), clip_tokenizer(), tiny.sd21_scheduler()

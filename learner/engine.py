@@ -1,6 +1,8 @@
 """One data-parallel learner rank: the GDPO update of SPEC section 5 under DeepSpeed.
 
-This is the only module of the repository that imports DeepSpeed.  A
+This is the only module of the repository that imports DeepSpeed: other ranks
+(NAOSD pre-training, :mod:`learner.pretrain_rank`) get their engine and their
+process group from :func:`initialize` and :func:`init_distributed` here.  A
 :class:`LearnerRank` owns the policy UNet (the reference is the same UNet with
 its adapter off), a DeepSpeed engine over the LoRA parameters only, and the
 rank's place in the ``torch.distributed`` group.  It is a plain class, so tests
@@ -101,7 +103,7 @@ class LearnerRank:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.config, self.rank, self.world_size = learner_config, rank, world_size
-        _init_distributed(rank, world_size, master_addr, master_port)
+        init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(learner_config.seed)  # the LoRA init (DeepSpeed then broadcasts rank 0's anyway)
         unet, alphas_cumprod = build_policy_unet(model_config)
         params = list(lora_parameters(unet).values())
@@ -112,9 +114,7 @@ class LearnerRank:
             eps=learner_config.eps,
             weight_decay=learner_config.weight_decay,
         )
-        self.engine, *_ = deepspeed.initialize(
-            model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(learner_config)
-        )
+        self.engine = initialize(unet, optimizer, params, deepspeed_config(learner_config))
         self.engine.train()
         self.alphas_cumprod = alphas_cumprod.to(self.engine.device)  # [1000]
 
@@ -266,7 +266,15 @@ class LearnerRank:
         return dict((states or {}).get(_CLIENT_KEY, {}))
 
 
-def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+def initialize(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], config: dict[str, Any]
+) -> Any:
+    """A DeepSpeed engine over ``module`` stepping ``optimizer`` on ``params`` (call after :func:`init_distributed`)."""
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params, config=config)
+    return engine
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     """Join the ``torch.distributed`` group: gloo on CPU, NCCL on CUDA (one rank per process)."""
     if dist.is_initialized():
         # A second LearnerRank in the same process (tests) reuses the group it already joined.

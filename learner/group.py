@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,15 +45,13 @@ class PushResult:
     seconds: float  # ray.put + every actor's set_adapter acknowledged
 
 
-class _RankHost:
-    """Body of a rank actor: builds its LearnerRank in :meth:`setup`, then forwards calls.
+class RendezvousHost:
+    """What every rank actor answers before it joins: a free port and its node's address.
 
-    Building in ``setup`` rather than ``__init__`` lets the group learn rank 0's
-    free port first, then start every rank's (blocking) join concurrently.
+    Ranks are built in a later ``setup`` call rather than in ``__init__``, so the
+    group learns rank 0's free port first, then starts every rank's (blocking)
+    join concurrently.
     """
-
-    def __init__(self) -> None:
-        self._rank: Any = None
 
     def free_port(self, host: str) -> int:
         """A TCP port that is free on this actor's node right now (for the rendezvous)."""
@@ -63,6 +61,13 @@ class _RankHost:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+
+class _RankHost(RendezvousHost):
+    """Body of a GDPO rank actor: builds its LearnerRank in :meth:`setup`, then forwards calls."""
+
+    def __init__(self) -> None:
+        self._rank: Any = None
 
     def setup(
         self, model_config: ModelConfig, learner_config: LearnerConfig, *, rank: int, world: int, addr: str, port: int
@@ -106,31 +111,9 @@ class LearnerGroup:
             raise
 
     def _start(self, model_config: ModelConfig, ready_timeout_s: float) -> None:
-        pool = self._pool
-        bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
-        one_node = _fits_one_node(bundle, pool.num_ranks)
-        self._pg = placement_group([bundle] * pool.num_ranks, strategy="STRICT_PACK" if one_node else "PACK")
-        ray.get(self._pg.ready(), timeout=ready_timeout_s)
-        actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)(_RankHost)
-        # CPU ranks: keep DeepSpeed off any GPU the node may have (it would pick CUDA/NCCL).
-        runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if pool.num_gpus == 0 else {}
-        self._ranks = [
-            actor_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-                runtime_env=runtime_env,
-            ).remote()
-            for i in range(pool.num_ranks)
-        ]
-        # One node: the rendezvous stays on loopback; several nodes need rank 0's address.
-        addr = "127.0.0.1" if one_node else ray.get(self._ranks[0].node_ip.remote())
-        port = ray.get(self._ranks[0].free_port.remote(addr))
-        world = pool.num_ranks
-        # Concurrently: each rank's join blocks until all ``world`` ranks have joined.
-        setups = [
-            r.setup.remote(model_config, self._config, rank=i, world=world, addr=addr, port=port)
-            for i, r in enumerate(self._ranks)
-        ]
-        ray.get(setups, timeout=ready_timeout_s)
+        self._pg, self._ranks = start_ranks(
+            _RankHost, self._pool, lambda r, **kw: r.setup.remote(model_config, self._config, **kw), ready_timeout_s
+        )
 
     @property
     def world_size(self) -> int:
@@ -194,6 +177,45 @@ class LearnerGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def start_ranks(
+    host_cls: type, pool: LearnerPoolConfig, setup: Callable[..., ray.ObjectRef], ready_timeout_s: float
+) -> tuple[PlacementGroup, list[Any]]:
+    """Reserve ``pool``'s bundles, start one ``host_cls`` actor per rank and form the process group.
+
+    ``host_cls`` has ``free_port(host)`` and ``node_ip()`` (see :class:`RendezvousHost`);
+    ``setup(actor, rank=, world=, addr=, port=)`` issues the actor's (blocking) join.
+    The caller removes the placement group and kills the actors when done.
+    """
+    bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    one_node = _fits_one_node(bundle, pool.num_ranks)
+    pg = placement_group([bundle] * pool.num_ranks, strategy="STRICT_PACK" if one_node else "PACK")
+    ranks: list[Any] = []
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+        actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)(host_cls)
+        # CPU ranks: keep DeepSpeed off any GPU the node may have (it would pick CUDA/NCCL).
+        runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if pool.num_gpus == 0 else {}
+        ranks = [
+            actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                runtime_env=runtime_env,
+            ).remote()
+            for i in range(pool.num_ranks)
+        ]
+        # One node: the rendezvous stays on loopback; several nodes need rank 0's address.
+        addr = "127.0.0.1" if one_node else ray.get(ranks[0].node_ip.remote())
+        port = ray.get(ranks[0].free_port.remote(addr))
+        # Concurrently: each rank's join blocks until all ranks have joined.
+        joins = [setup(r, rank=i, world=pool.num_ranks, addr=addr, port=port) for i, r in enumerate(ranks)]
+        ray.get(joins, timeout=ready_timeout_s)
+    except BaseException:
+        for actor in ranks:
+            ray.kill(actor)
+        remove_placement_group(pg)
+        raise
+    return pg, ranks
 
 
 def push_weights(weights: AdapterWeights, rollout_actors: Sequence[Any]) -> PushResult:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rollout.job import ClusterConfig, JobConfig
+    from rollout.job import ClusterConfig
 
 DRY_RUN_OVERRIDES = ()  # the tiny config already is the dry run
 
@@ -40,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from common.config import to_mapping
+    from common.ray_session import init_ray
     from rollout.job import load_job
 
     source = args.config or ("tiny" if args.dry_run else None)
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_mapping(job), sort_keys=False))
         return 0
-    _init_ray(job, local=args.dry_run)
+    init_ray(job.cluster.ray_address, local=args.dry_run, num_cpus=cpus_needed(job.cluster))
     from rollout.driver import train
 
     start = time.perf_counter()
@@ -60,32 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"done: {summary.get('step', 0):.0f} steps in {seconds:.1f} s; outputs in {job.run.output_dir}")
     return 0
-
-
-def _init_ray(job: JobConfig, *, local: bool) -> None:
-    import ray
-    import torch
-
-    if ray.is_initialized():
-        return
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU: gloo, no CUDA probing
-    address = job.cluster.ray_address
-    if local and not address and "RAY_ADDRESS" not in os.environ:
-        # A private single-node Ray on loopback, no dashboard; workers inherit this environment.
-        env_vars = {
-            k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR") if k in os.environ
-        }
-        # Enough logical CPU slots for every pool: the pools share this machine's cores anyway.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(job.cluster))),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env_vars},
-        )
-    else:
-        # Inside `ray job submit` (RAY_ADDRESS is set) or on a cluster node: the job's runtime_env applies.
-        ray.init(address=address or "auto")
 
 
 def cpus_needed(cluster: ClusterConfig) -> float:

@@ -41,7 +41,7 @@ from common.records import (
     select_rows,
 )
 from common.telemetry import Telemetry
-from common.tiny import TINY_MODEL_NOTICE
+from common.tiny import model_notice
 from learner.group import LearnerGroup
 from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
@@ -61,8 +61,8 @@ def train(job: JobConfig) -> dict[str, float]:
     """Run the job to ``job.run.steps`` optimizer steps; returns the last step's summary."""
     out = Path(job.run.output_dir)
     save_config(job, out / "config.yaml")
-    if job.model.source == "tiny":
-        print(TINY_MODEL_NOTICE, flush=True)
+    if notice := model_notice(job.model.source):
+        print(notice, flush=True)
     telemetry = Telemetry()
     port = telemetry.serve(job.metrics)
     if port:

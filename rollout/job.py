@@ -14,8 +14,8 @@ from common.naosd import ModelConfig
 from common.telemetry import MetricsConfig
 from learner.config import LearnerConfig, LearnerPoolConfig
 from reward_service.config import RewardConfig, RewardPoolConfig
-from rollout.data import DataConfig
 from rollout.worker import RolloutConfig
+from sr_data.source import DataConfig
 
 
 @dataclass(frozen=True, kw_only=True)

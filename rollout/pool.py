@@ -11,9 +11,9 @@ from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
-from rollout.data import DataConfig
 from rollout.job import RolloutPoolConfig
 from rollout.worker import RolloutConfig, RolloutWorker
+from sr_data.source import DataConfig
 
 
 class RolloutPool:

@@ -21,9 +21,9 @@ import torch
 from common.adapter_sync import AdapterWeights, apply_to
 from common.naosd import ModelConfig, adapter_disabled
 from common.records import REFERENCE_POLICY_VERSION, RolloutGroups, encode_rollout
-from common.tiny import TINY_MODEL_NOTICE
+from common.tiny import model_notice
 from common.weights import build_naosd
-from rollout.data import DataConfig, PairSource
+from sr_data.source import DataConfig, PairSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +63,8 @@ class RolloutWorker:
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if model_config.source == "tiny":
-            print(f"[{worker_id}] {TINY_MODEL_NOTICE}", flush=True)
+        if notice := model_notice(model_config.source):
+            print(f"[{worker_id}] {notice}", flush=True)
         self.model = build_naosd(model_config, device=device)
         self.source = PairSource(data_config)
         self.version = 0  # the fresh adapter (B = 0) is version 0: the policy equals the reference

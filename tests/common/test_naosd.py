@@ -113,9 +113,12 @@ def test_adapter_disabled_equals_separately_built_frozen_copy(tiny_model: NAOSD,
             reference = tiny_model.unet(z, 100, encoder_hidden_states=emb).sample
         separate = frozen(z, 100, encoder_hidden_states=emb).sample
         again = tiny_model.unet(z, 100, encoder_hidden_states=emb).sample
-    assert torch.equal(reference, separate)
+    # Two different modules (peft-wrapped with the adapter off, and plain) need not reach the same
+    # kernels: float32 rounding differs by ~4e-7 at a magnitude of 0.9 on AVX-512; a wrong weight or
+    # a LoRA term left on is far larger (the adapter moves the output by > 1e-3, below).
+    torch.testing.assert_close(reference, separate, rtol=1e-5, atol=1e-6)
     assert (policy - reference).abs().max() > 1e-3
-    assert torch.equal(policy, again)  # the context manager switched the adapter back on
+    assert torch.equal(policy, again)  # same module, same path: the context manager switched the adapter back on
 
 
 def test_fresh_adapter_is_the_identity(tiny_model: NAOSD, lr_image):
@@ -130,7 +133,11 @@ def test_model_config_rejects_bad_values():
     with pytest.raises(ValueError, match="sd_path"):
         ModelConfig(source="pretrained")
     with pytest.raises(ValueError, match="only read with source=pretrained"):
-        ModelConfig(naosd_path="/x")
+        ModelConfig(sd_path="/x")
+    with pytest.raises(ValueError, match="not read with source=tiny_random"):
+        ModelConfig(source="tiny_random", naosd_path="/x")
+    with pytest.raises(ValueError, match=r"tiny_model is missing|does not exist"):
+        build_naosd(ModelConfig(source="tiny", naosd_path="/nonexistent"))
     with pytest.raises(ValueError, match="no UNet module matches"):
         build_naosd(ModelConfig(lora_targets=("nothing_like_this",)))
 

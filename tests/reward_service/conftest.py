@@ -1,7 +1,4 @@
-"""Reward-service test helpers: synthetic rollout record batches, and SPEC section 4 read naively.
-
-The naive patch loop is also the baseline of ``benchmarks/bench_proportions.py``.
-"""
+"""Reward-service test helpers: synthetic rollout record batches, and SPEC section 4 read naively."""
 
 from __future__ import annotations
 
@@ -15,28 +12,37 @@ import pytest
 from common.records import RolloutGroups, encode_rollout
 
 
-def make_rollout_batch(
+def make_rollout_groups(
     n: int = 2, g: int = 3, size: int = 32, seed: int = 0, *, noise: float = 0.05, prefix: str = "grp"
-) -> pa.RecordBatch:
-    """``n`` groups of ``g`` SR samples (HR + Gaussian noise, clipped) at ``size`` x ``size``."""
+) -> RolloutGroups:
+    """``n`` groups of ``g`` SR samples (HR + Gaussian noise, clipped) at ``size`` x ``size``.
+
+    The LR differs from the HR at every pixel (the top bit flipped), so scoring against the wrong one shows.
+    """
     rng = np.random.default_rng(seed)
     hr = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     sr = hr[:, None].astype(np.float32) / 255 + rng.normal(0, noise, (n, g, 3, size, size)).astype(np.float32)
-    groups = RolloutGroups(
+    return RolloutGroups(
         group_id=tuple(f"{prefix}{seed}-{i:04d}" for i in range(n)),
         image_id=tuple(f"img{i}" for i in range(n)),
         data_index=np.arange(n, dtype=np.int64),
         seed=np.arange(n, dtype=np.int64),
         policy_version=np.full(n, -1, np.int64),
         prompt=("",) * n,
-        lr=hr.copy(),
+        lr=hr ^ np.uint8(0x80),
         hr=hr,
         sr=np.clip(sr, 0.0, 1.0),
         latents=np.zeros((n, g, 4, size // 8, size // 8), np.float32),
         text_emb=np.zeros((n, 2, 4), np.float32),
         generate_seconds=np.zeros(n),
     )
-    return encode_rollout(groups)
+
+
+def make_rollout_batch(
+    n: int = 2, g: int = 3, size: int = 32, seed: int = 0, *, noise: float = 0.05, prefix: str = "grp"
+) -> pa.RecordBatch:
+    """:func:`make_rollout_groups` as the Arrow record batch a rollout worker sends."""
+    return encode_rollout(make_rollout_groups(n, g, size, seed, noise=noise, prefix=prefix))
 
 
 def naive_complexity(rgb: np.ndarray, gray: str = "opencv_bgr", ps: int = 10, r: int = 64) -> np.ndarray:

@@ -16,6 +16,7 @@ from reward_service.config import RewardConfig
 from reward_service.metrics_iqa import MetricFn
 from reward_service.proportions import detail_proportions
 from reward_service.worker import RewardWorker
+from tests.reward_service.conftest import make_rollout_groups
 
 Batch = Callable[..., pa.RecordBatch]
 
@@ -40,10 +41,11 @@ def test_scores_every_group_and_appends_columns(rollout_batch: Batch) -> None:
     assert is_scored(out) and out.num_rows == 3
     assert decode_rollout(out).group_id == decode_rollout(batch).group_id
     rewards = decode_rewards(out)
-    groups = decode_rollout(batch)
+    groups = make_rollout_groups(n=3, g=4, size=40)  # what the batch was built from, not decoded from it
     sr, hr = torch.from_numpy(groups.sr.copy()), torch.from_numpy(groups.hr.copy())
     expected = worker.score_images(sr, hr)
     assert rewards.metric_names == ("fr", "nr")
+    np.testing.assert_allclose(rewards.metric_raw, expected.metric_raw, rtol=1e-6)  # FR scored against the HR
     np.testing.assert_allclose(rewards.reward, expected.reward, rtol=1e-6)
     np.testing.assert_allclose(rewards.advantage, expected.advantage, rtol=1e-5, atol=1e-6)
     rho_s, rho_d = detail_proportions(hr)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,8 +11,11 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
+from learner.group import LearnerGroup
+from rollout import driver
 from rollout.driver import CHECKPOINT_DIR, train
 from rollout.job import load_job
+from rollout.pool import RolloutPool
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -35,7 +35,7 @@ def _adapter(out: Path) -> dict:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
     values = {}
     for line in text.splitlines():
         match = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([-+0-9.e]+|NaN)$", line)
@@ -44,7 +44,7 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path):
+def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
     port = _free_port()
     job = _job(
         tmp_path,
@@ -55,21 +55,24 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path):
         "cluster.learner.num_ranks=2",
         f"metrics.port={port}",
     )
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train(job)))
-    thread.start()
-    scrapes = []
-    while thread.is_alive():
-        with contextlib.suppress(OSError):  # not serving yet, or already shut down
-            scrapes.append(_scrape(port))
-        time.sleep(0.5)
-    thread.join()
+    # Scrape the live endpoint each time the driver has recorded a step, from inside the run: every
+    # step's values are seen while the run goes on, however fast the steps follow one another.
+    scrapes: list[dict[str, float]] = []
+    record = driver._record
+
+    def record_then_scrape(*args, **kwargs):
+        summary = record(*args, **kwargs)
+        scrapes.append(_scrape(port))
+        return summary
+
+    monkeypatch.setattr(driver, "_record", record_then_scrape)
+    result = train(job)
     assert result["step"] == 3
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "samples.png").is_file()
     assert _adapter(tmp_path)
-    steps = [s.get("gdpo_learner_step", 0) for s in scrapes]
-    assert max(steps) >= 2 and len(set(steps)) >= 2, "the step gauge did not move while scraped"
-    last = next(s for s in reversed(scrapes) if s.get("gdpo_learner_step", 0) == max(steps))
+    steps = [s.get("gdpo_learner_step") for s in scrapes]
+    assert steps == [1.0, 2.0, 3.0], "the step gauge did not move while scraped"
+    last = scrapes[-1]
     for name in (
         "gdpo_groups_scored_total",
         "gdpo_groups_consumed_total",
@@ -81,10 +84,12 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path):
         "gdpo_learner_wait_fraction",
     ):
         assert name in last, name
-    assert last["gdpo_weight_push_bytes_total"] > 0 and last["gdpo_groups_consumed_total"] >= 4
+    assert last["gdpo_weight_push_bytes_total"] > 0 and last["gdpo_groups_consumed_total"] == 6
     generated = {k: v for k, v in last.items() if k.startswith("gdpo_groups_generated_total{")}
     assert len(generated) == 2, "both rollout workers produced groups"
     assert any(k.startswith('gdpo_queue_depth{stage="rollout"}') for k in last)
+    with pytest.raises(OSError):  # the endpoint is closed with the run
+        _scrape(port)
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
@@ -100,26 +105,33 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
 
 
-def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path):
-    port = _free_port()
-    job = _job(tmp_path, "run.steps=4", "cluster.rollout.num_workers=2", f"metrics.port={port}")
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train(job)))
-    thread.start()
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill mid-run: after the first optimizer step
-        try:
-            if _scrape(port).get("gdpo_learner_step", 0) >= 1:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    victims = [n for n in ray.util.list_named_actors() if n.startswith("gdpo-rollout1-")]
-    assert victims, "rollout actor not found"
-    ray.kill(ray.get_actor(victims[0]), no_restart=True)
-    thread.join()
+def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path, monkeypatch):
+    """Kill a rollout actor mid-run (after the first optimizer step) while it has a call to serve."""
+    job = _job(tmp_path, "run.steps=4", "cluster.rollout.num_workers=2")
+    steps_done: list[int] = []
+    killed: list[tuple[int, bool]] = []
+    finish_step, generate = LearnerGroup.finish_step, RolloutPool.generate
+
+    def count_steps(self, pending):
+        stats = finish_step(self, pending)
+        steps_done.append(1)
+        return stats
+
+    def generate_then_kill(self, slot, indices, min_version):
+        call = generate(self, slot, indices, min_version)
+        if steps_done and not killed:  # the first call issued after step 1: the actor is busy with it
+            ray.kill(self.workers[slot], no_restart=True)
+            # Hand the call back only once it has failed, so the driver sees the death when it next waits.
+            done, _ = ray.wait([call], timeout=120)
+            killed.append((slot, bool(done)))
+        return call
+
+    monkeypatch.setattr(LearnerGroup, "finish_step", count_steps)
+    monkeypatch.setattr(RolloutPool, "generate", generate_then_kill)
+    result = train(job)
+    assert len(killed) == 1 and killed[0][1], f"no call was issued after the first step, or it never failed: {killed}"
     assert result["step"] == 4
-    assert result["rollout_restarts"] >= 1
+    assert result["rollout_restarts"] == 1
 
 
 def test_policy_sampling_trains_on_fresh_enough_samples(tmp_path):

@@ -12,8 +12,8 @@ from common.adapter_sync import pack
 from common.naosd import ModelConfig, lora_parameters
 from common.records import REFERENCE_POLICY_VERSION, decode_rollout
 from common.weights import adapter_state_dict
-from rollout.data import DataConfig
 from rollout.worker import RolloutConfig, RolloutWorker, StaleWeightsError, group_seed
+from sr_data.source import DataConfig
 
 DATA = DataConfig(crop_size=32)
 

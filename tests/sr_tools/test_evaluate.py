@@ -15,8 +15,9 @@ import torchvision
 from PIL import Image
 from skimage import data
 
-from rollout import iqa
-from rollout.evaluate import (
+from sr_data.images import list_images
+from sr_tools import iqa
+from sr_tools.evaluate import (
     FolderResult,
     ResultWriter,
     evaluate_pairs,
@@ -24,8 +25,7 @@ from rollout.evaluate import (
     main,
     match_pairs,
 )
-from rollout.images import list_images
-from rollout.infer import parse_model_spec
+from sr_tools.infer import parse_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,8 @@ def test_lr_mode_compare_uses_identical_noise_and_averages_seeds(tmp_path: Path)
 
 
 def test_model_specs_and_argument_errors(tmp_path: Path) -> None:
-    assert parse_model_spec("tiny:3", 0).tiny_seed == 3
+    assert parse_model_spec("tiny_random:3", 0).tiny_seed == 3 and parse_model_spec("tiny_random:3", 0).tiny_random
+    assert parse_model_spec("tiny", 0).source == "tiny" and parse_model_spec("tiny_random", 0).source == "tiny_random"
     spec = parse_model_spec("name=G,sd=/sd,naosd=/n,adapter=/a", 1)
     assert (spec.name, spec.sd_path, spec.naosd_path, spec.adapter) == ("G", "/sd", "/n", "/a")
     with pytest.raises(ValueError, match="key=value"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rollout.data import DataConfig, PairSource
+from sr_data.source import DataConfig, PairSource
 
 CROP = 64
 

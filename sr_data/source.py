@@ -1,4 +1,4 @@
-"""Training pairs for the rollout workers: HR crops and their degraded LR (SPEC section 6).
+"""Training pairs: HR crops and their degraded LR (SPEC section 6).
 
 :class:`PairSource` indexes a folder of HR images (or the embedded default set)
 once, then turns an integer ``index`` into a :class:`TrainingPair`:
@@ -13,11 +13,11 @@ once, then turns an integer ``index`` into a :class:`TrainingPair`:
 3. The degradation: ``bicubic`` = antialiased bicubic x``scale`` down, quantised
    to 8 bits (the LR image as it would be stored), bicubic back up to
    ``crop_size``, clamped and quantised to 8 bits; ``realesrgan`` = the
-   Real-ESRGAN second-order degradation ``rollout.degradation.degrade`` (which
+   Real-ESRGAN second-order degradation ``sr_data.degradation.degrade`` (which
    also resizes back and quantises), with a ``torch.Generator`` seeded from the
    per-index draw and ``DegradationConfig(scale=config.scale)`` unless a
    degradation config is handed to :class:`PairSource`.
-4. The prompt from a :class:`rollout.prompts.PromptSource` (empty by default).
+4. The prompt from a :class:`sr_data.prompts.PromptSource` (empty by default).
 
 ``sample(index)`` is a pure function of ``(config, image files, index)``: no
 state carries from one call to the next, so workers can split the index space
@@ -44,11 +44,12 @@ Small images.  Images whose shorter side is below ``min_side`` are skipped
 counted in :attr:`PairSource.upscaled`; their HR is then softer than a true HR
 crop.  Set ``min_side = crop_size`` to skip them instead.
 
-The embedded default set (``hr_dir = ""``) is the RGB photographs that ship
-inside the scikit-image wheel and load without a download (pyiqa ships no
-example images), see :data:`EMBEDDED_IMAGES`.  It is a smoke-test set: eight
-images, four of them smaller than 512 on their short side (upscaled at the
-default crop size).  Train on a real folder (the paper: LSDIR).
+The embedded default set (``hr_dir = ""``) is the training photographs that
+ship inside the scikit-image wheel and load without a download (pyiqa ships no
+example images), see :data:`EMBEDDED_IMAGES`; the held-out photographs of
+:data:`sr_data.embedded_images.EMBEDDED_HELDOUT` are never part of it.  It is
+a smoke-test set: ten images, two of them smaller than 512 on their short side
+(upscaled at the default crop size).  Train on a real folder (the paper: LSDIR).
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from rollout.degradation import DegradationConfig
-from rollout.embedded_images import EMBEDDED_IMAGES, EMBEDDED_ROOT, _embedded_where, _load_embedded
-from rollout.images import fit_crop, rgb_array
-from rollout.lr_synthesis import bicubic_degrade, realesrgan_degrade
-from rollout.prompts import CaptionFile, EmptyPrompt, PromptSource
+from sr_data.degradation import DegradationConfig
+from sr_data.embedded_images import EMBEDDED_IMAGES, EMBEDDED_ROOT, _embedded_where, _load_embedded
+from sr_data.images import fit_crop, rgb_array
+from sr_data.lr_synthesis import bicubic_degrade, realesrgan_degrade
+from sr_data.prompts import CaptionFile, EmptyPrompt, PromptSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -153,9 +154,9 @@ class PairSource:
     ``skipped`` maps each rejected file (path, or ``skimage.data.<name>()``) to the
     reason; ``upscaled`` maps the ids of images smaller than ``crop_size`` to
     their original ``(height, width)``.  ``prompt_source`` replaces the one
-    ``config.prompt`` selects (e.g. a RAM tagger, see :mod:`rollout.prompts`); it
+    ``config.prompt`` selects (e.g. a RAM tagger, see :mod:`sr_data.prompts`); it
     must be picklable to travel to a worker.  ``degradation_config`` (a
-    ``rollout.degradation.DegradationConfig``, only with ``degradation='realesrgan'``)
+    ``sr_data.degradation.DegradationConfig``, only with ``degradation='realesrgan'``)
     replaces the default GDPO parameter set; its ``scale`` must equal ``config.scale``.
     """
 

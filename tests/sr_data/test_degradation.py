@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,8 +13,8 @@ from scipy import special
 from skimage import data
 
 from common.config import from_mapping
-from rollout import kernels as K
-from rollout.degradation import (
+from sr_data import kernels as K
+from sr_data.degradation import (
     DegradationConfig,
     _distinct_levels,
     blur,
@@ -94,18 +95,74 @@ def test_tiny_images_do_not_break_reflect_padding() -> None:
         assert degrade(hr, gen(seed), DegradationConfig.realesrgan()).shape == hr.shape
 
 
-def test_configs_match_spec_and_validate() -> None:
-    gdpo = DegradationConfig()
-    assert gdpo.resize_range == (0.3, 1.5) and gdpo.noise_range == (1.0, 15.0)
-    assert gdpo.poisson_scale_range == (0.05, 2.0) and gdpo.jpeg_range == (60.0, 95.0)
-    assert gdpo.second_blur_prob == 0.5 and gdpo.resize_range2 == (0.6, 1.2) and gdpo.noise_range2 == (1.0, 12.0)
-    assert gdpo.poisson_scale_range2 == (0.05, 1.0) and gdpo.jpeg_range2 == (60.0, 100.0)
-    heavy = DegradationConfig.realesrgan()
-    assert heavy.resize_range == (0.15, 1.5) and heavy.noise_range2 == (1.0, 25.0) and heavy.second_blur_prob == 0.8
-    assert heavy.kernel_prob == gdpo.kernel_prob  # kernel settings are shared
+# SPEC section 6, written out: the lighter GDPO set (the dataclass defaults).  Real-ESRGAN's
+# second stage always runs here (second_phase_prob 1.0 has no field); blur kernels are drawn at odd
+# sizes 7..21 and padded to 21 x 21 ("size 21"), as Real-ESRGAN's kernel_range.
+GDPO_DEFAULTS = {
+    "scale": 4,
+    "kernel_sizes": (7, 9, 11, 13, 15, 17, 19, 21),
+    "kernel_list": ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"),
+    "kernel_prob": (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+    "sinc_prob": 0.1,
+    "blur_sigma": (0.2, 3.0),
+    "betag_range": (0.5, 4.0),
+    "betap_range": (1.0, 2.0),
+    "resize_prob": (0.2, 0.7, 0.1),
+    "resize_range": (0.3, 1.5),
+    "gaussian_noise_prob": 0.5,
+    "noise_range": (1.0, 15.0),
+    "poisson_scale_range": (0.05, 2.0),
+    "gray_noise_prob": 0.4,
+    "jpeg_range": (60.0, 95.0),
+    "second_blur_prob": 0.5,
+    "sinc_prob2": 0.1,
+    "blur_sigma2": (0.2, 1.5),
+    "betag_range2": (0.5, 4.0),
+    "betap_range2": (1.0, 2.0),
+    "resize_prob2": (0.3, 0.4, 0.3),
+    "resize_range2": (0.6, 1.2),
+    "gaussian_noise_prob2": 0.5,
+    "noise_range2": (1.0, 12.0),
+    "poisson_scale_range2": (0.05, 1.0),
+    "gray_noise_prob2": 0.4,
+    "jpeg_range2": (60.0, 100.0),
+    "final_sinc_prob": 0.8,
+    "resize_modes": ("area", "bilinear", "bicubic"),
+    "upscale_modes": ("bicubic", "bilinear", "area"),
+    "independent_samples": False,
+}
+# Real-ESRGAN x4plus (BasicSR's train_RealESRGANx4plus.yml, OSEDiff's set): the heavier ranges, the
+# same kernels and probabilities (resize_prob2 is [0.3, 0.4, 0.3] there too).
+REALESRGAN_DEFAULTS = {
+    **GDPO_DEFAULTS,
+    "resize_range": (0.15, 1.5),
+    "noise_range": (1.0, 30.0),
+    "poisson_scale_range": (0.05, 3.0),
+    "jpeg_range": (30.0, 95.0),
+    "second_blur_prob": 0.8,
+    "resize_range2": (0.3, 1.2),
+    "noise_range2": (1.0, 25.0),
+    "poisson_scale_range2": (0.05, 2.5),
+    "jpeg_range2": (30.0, 95.0),
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [(DegradationConfig(), GDPO_DEFAULTS), (DegradationConfig.realesrgan(), REALESRGAN_DEFAULTS)],
+    ids=["gdpo", "realesrgan"],
+)
+def test_every_default_matches_the_reference(config: DegradationConfig, expected: dict[str, object]) -> None:
+    """Every field, so that no default drifts unnoticed (a new field must be added here too)."""
+    assert dataclasses.asdict(config) == expected
+
+
+def test_configs_validate() -> None:
+    assert DegradationConfig.realesrgan(jpeg_range2=(50.0, 90.0)).jpeg_range2 == (50.0, 90.0)  # overrides win
     assert from_mapping(DegradationConfig, {"noise_range": [1, 5]}).noise_range == (1.0, 5.0)
     for bad in ({"kernel_prob": (0.5, 0.5, 0, 0, 0, 0.1)}, {"kernel_sizes": (8,)}, {"jpeg_range2": (0.0, 95.0)},
-                {"resize_range": (1.5, 0.3)}, {"sinc_prob": 1.5}, {"upscale_modes": ("nearest",)}):  # fmt: skip
+                {"resize_range": (1.5, 0.3)}, {"sinc_prob": 1.5}, {"upscale_modes": ("nearest",)},
+                {"resize_prob2": (0.5, 0.5, 0.5)}):  # fmt: skip
         with pytest.raises(ValueError):
             DegradationConfig(**bad)
 

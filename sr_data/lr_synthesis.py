@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rollout.degradation import DegradationConfig, degrade
+from sr_data.degradation import DegradationConfig, degrade
 
 
 def bicubic_degrade(hr: np.ndarray, scale: int) -> np.ndarray:
@@ -23,9 +23,9 @@ def bicubic_degrade(hr: np.ndarray, scale: int) -> np.ndarray:
 
 
 def realesrgan_degrade(hr: np.ndarray, seed: int, config: DegradationConfig | None = None) -> np.ndarray:
-    """``[3, H, W]`` uint8 -> ``rollout.degradation.degrade`` seeded by ``seed``, at ``H x W``, 8-bit.
+    """``[3, H, W]`` uint8 -> ``sr_data.degradation.degrade`` seeded by ``seed``, at ``H x W``, 8-bit.
 
-    ``config`` is a ``rollout.degradation.DegradationConfig`` (None: its defaults, the GDPO set).
+    ``config`` is a ``sr_data.degradation.DegradationConfig`` (None: its defaults, the GDPO set).
     """
     height, width = hr.shape[1:]
     x = torch.from_numpy(hr).unsqueeze(0).float().div_(255.0)

@@ -1,4 +1,4 @@
-"""Prompt sources of the rollout workers: what text conditions NAOSD for a training pair.
+"""Prompt sources: what text conditions NAOSD for a training pair.
 
 A prompt source is any callable ``(image_id, hr) -> str`` (:class:`PromptSource`);
 ``hr`` is the HR crop, ``[3, H, W]`` uint8.  Two are shipped:
@@ -17,7 +17,7 @@ weights are not on PyPI and cannot be downloaded here, so no tagger ships with
 this module, and there is deliberately no stand-in that would produce fake tags.
 A RAM tagger plugs in behind the same :class:`PromptSource` protocol when a user
 provides its weights: wrap the model in a callable that turns ``hr`` into the
-tag string and pass it to ``rollout.data.PairSource(config, prompt_source=...)``.
+tag string and pass it to ``sr_data.source.PairSource(config, prompt_source=...)``.
 It must be deterministic for a given image, like the sources here, so that a
 pair is reproducible from ``(seed, index)``.
 """

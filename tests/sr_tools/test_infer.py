@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from common.tiny import TINY_MODEL_NOTICE
-from rollout.images import list_images, load_rgb
-from rollout.infer import (
+from common.tiny import model_notice
+from sr_data.images import list_images, load_rgb
+from sr_tools.infer import (
     InferConfig,
     ModelSpec,
     adain_color_fix,
@@ -61,7 +61,7 @@ def test_cli_writes_images_of_lr_size_times_upscale_and_prints_notice(tmp_path: 
     (tmp_path / "lr" / "broken.png").write_bytes(b"not an image")
     assert main([str(tmp_path / "lr"), "-o", str(tmp_path / "sr"), "--seed", "1"]) == 0
     captured = capsys.readouterr()
-    assert TINY_MODEL_NOTICE in captured.err and "broken.png" in captured.err
+    assert model_notice("tiny") in captured.err and "broken.png" in captured.err
     assert "wrote 2 image(s)" in captured.out and "skipped 1" in captured.out
     sizes = {p.name: Image.open(p).size for p in list_images(tmp_path / "sr")}
     assert sizes == {"img0.png": (64, 64), "img1.png": (44, 52)}  # PIL sizes are (W, H)
@@ -110,7 +110,7 @@ def test_tiled_and_untiled_agree_within_tolerance(model) -> None:
     the tiny random model (no trained smoothness) we require the change to be small in absolute terms
     and well below what a different noise seed does to the same image."""
     emb = model.encode_prompts([""])
-    lr = lr_photo(32, 32)  # latent 16 x 16; tiles of 12 with overlap 8 -> 4 tiles
+    lr = lr_photo(16, 16)  # x4 -> 64 x 64, latent 16 x 16 (the tiny 4x VAE); tiles of 12 with overlap 8 -> 4 tiles
     untiled = super_resolve(model, lr, emb, gens(0), InferConfig(tile_size=0, color_fix="none"))
     tiled = super_resolve(model, lr, emb, gens(0), InferConfig(tile_size=12, tile_overlap=8, color_fix="none"))
     other_seed = super_resolve(model, lr, emb, gens(1), InferConfig(tile_size=0, color_fix="none"))

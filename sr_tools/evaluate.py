@@ -1,9 +1,9 @@
-"""Evaluate SR against HR folders in the paper's table layout: ``python -m rollout.evaluate``.
+"""Evaluate SR against HR folders in the paper's table layout: ``python -m sr_tools.evaluate``.
 
 Two modes:
 - ``--sr DIR --hr DIR``: score existing SR images (pairs matched by file stem);
 - ``--lr DIR --hr DIR --model SPEC ...`` (or ``--compare A B``): super-resolve
-  the LR folder with each model (``rollout.infer``, identical per-image noise for
+  the LR folder with each model (``sr_tools.infer``, identical per-image noise for
   every model at a given seed), for ``--seeds N`` seeds, then score.
 
 Outputs in ``--out``: ``per_image.csv`` (appended and flushed image by image, so
@@ -19,7 +19,7 @@ Choices, documented here because they change numbers:
   left out of that metric's mean (``n`` counts the images averaged).
 - Skipped pairs, each with its reason: missing partner, size mismatch,
   undecodable file, transparency, unsupported mode.  Greyscale and opaque RGBA
-  images are converted (see :mod:`rollout.images`), not skipped.
+  images are converted (see :mod:`sr_data.images`), not skipped.
 - Seeds: each seed's folder mean first, then mean and std over seeds.
 """
 
@@ -41,9 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from rollout.images import ImageError, index_by_stem, list_images, load_rgb
-from rollout.infer import InferConfig, ModelSpec, load_model, parse_model_spec, run_inference
-from rollout.iqa import PAPER_METRICS, Metric, create_metrics, label, local_weights_only
+from sr_data.images import ImageError, index_by_stem, list_images, load_rgb
+from sr_tools.infer import InferConfig, ModelSpec, load_model, parse_model_spec, run_inference
+from sr_tools.iqa import PAPER_METRICS, Metric, create_metrics, label, local_weights_only
 
 Pair = tuple[str, Path, Path]  # (stem, sr or lr path, hr path)
 
@@ -319,13 +319,13 @@ def evaluate_models(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rollout.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sr_tools.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hr", required=True, help="folder of HR (ground-truth) images")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sr", help="folder of SR images to score (matched to HR by file stem)")
     source.add_argument("--lr", help="folder of LR images: super-resolve with --model/--compare, then score")
     parser.add_argument("--model", action="append", default=[], metavar="SPEC",
-                        help="with --lr: 'tiny', 'tiny:SEED' or 'name=N,sd=DIR,naosd=PATH,adapter=DIR'")  # fmt: skip
+                        help="with --lr: 'tiny', 'tiny_random:SEED' or 'name=N,sd=D,naosd=D,adapter=D'")  # fmt: skip
     parser.add_argument("--compare", nargs=2, metavar="SPEC", help="two model specs, run with identical noise")
     parser.add_argument("--name", default="", help="row label for --sr (default: the SR folder name)")
     parser.add_argument("--metrics", default=",".join(PAPER_METRICS), help="comma-separated pyiqa metric names")

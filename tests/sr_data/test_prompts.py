@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rollout.data import DataConfig, PairSource
-from rollout.prompts import CaptionFile, EmptyPrompt, PromptSource, load_captions
-from tests.rollout.conftest import CROP, photo, save
+from sr_data.prompts import CaptionFile, EmptyPrompt, PromptSource, load_captions
+from sr_data.source import DataConfig, PairSource
+from tests.sr_data.conftest import CROP, photo, save
 
 # --- prompts -----------------------------------------------------------------------------------
 

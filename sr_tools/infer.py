@@ -1,4 +1,4 @@
-"""Super-resolve images with NAOSD / GDPO-SR: ``python -m rollout.infer INPUT -o OUTPUT``.
+"""Super-resolve images with NAOSD / GDPO-SR: ``python -m sr_tools.infer INPUT -o OUTPUT``.
 
 The pipeline is SPEC section 2 with inference conveniences: the LR image is
 bicubic-upscaled by ``--upscale``, padded to a multiple of 8 (replicated
@@ -31,36 +31,49 @@ from torch import Tensor
 from tqdm import tqdm
 
 from common.naosd import NAOSD, ModelConfig, q_sample
-from common.tiny import TINY_MODEL_NOTICE
-from rollout.images import ImageError, list_images, load_rgb, save_image
+from common.tiny import model_notice
+from sr_data.images import ImageError, list_images, load_rgb, save_image
 
 ColorFix = Literal["adain", "wavelet", "none"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """Which weights to run: the tiny default, or SD 2.1-base + NAOSD/GDPO-SR weights + our adapter."""
+    """Which weights to run: the tiny default (trained, or random with ``tiny_random``), or SD 2.1-base +
+    NAOSD/GDPO-SR weights + our adapter."""
 
     name: str = "model"
     sd_path: str = ""
     naosd_path: str = ""
     adapter: str = ""
     tiny_seed: int = 0
+    tiny_random: bool = False  # the tiny architecture with random weights (seeded by tiny_seed)
 
     @property
     def is_tiny(self) -> bool:
         return not self.sd_path
 
+    @property
+    def source(self) -> str:
+        if not self.is_tiny:
+            return "pretrained"
+        return "tiny_random" if self.tiny_random else "tiny"
+
     def __post_init__(self) -> None:
-        if self.is_tiny and self.naosd_path:
-            raise ValueError("naosd_path needs sd_path (the SD 2.1-base folder it builds on)")
+        if self.tiny_random and (self.naosd_path or self.sd_path):
+            raise ValueError("tiny_random takes no weights (naosd_path/sd_path)")
 
 
 def parse_model_spec(text: str, index: int) -> ModelSpec:
-    """``tiny``, ``tiny:SEED``, or ``name=N,sd=PATH,naosd=PATH,adapter=PATH,tiny_seed=K`` (all optional)."""
-    if text == "tiny" or text.startswith("tiny:"):
+    """``tiny`` (trained), ``tiny_random[:SEED]``, or ``name=N,sd=PATH,naosd=PATH,adapter=PATH`` (all optional).
+
+    Without ``sd``, ``naosd`` is a folder of the tiny architecture (e.g. a pre-training output).
+    """
+    if text == "tiny":
+        return ModelSpec(name="tiny")
+    if text == "tiny_random" or text.startswith("tiny_random:"):
         seed = int(text.partition(":")[2] or 0)
-        return ModelSpec(name=f"tiny{seed}" if seed else "tiny", tiny_seed=seed)
+        return ModelSpec(name=f"tiny_random{seed}", tiny_seed=seed, tiny_random=True)
     keys = {"name": "name", "sd": "sd_path", "naosd": "naosd_path", "adapter": "adapter", "tiny_seed": "tiny_seed"}
     fields: dict[str, object] = {"name": f"model{index}"}
     for item in filter(None, text.split(",")):
@@ -108,13 +121,11 @@ def load_model(spec: ModelSpec, *, t_add: int = 250, device: str = "cpu", dtype:
     """Build NAOSD from ``spec`` (printing the tiny-model notice when it is the tiny one)."""
     from common.weights import build_naosd, load_adapter
 
-    if spec.is_tiny:
-        print(TINY_MODEL_NOTICE, file=sys.stderr)
-        config = ModelConfig(source="tiny", tiny_seed=spec.tiny_seed, t_add=t_add, dtype=dtype)
-    else:
-        config = ModelConfig(
-            source="pretrained", sd_path=spec.sd_path, naosd_path=spec.naosd_path, t_add=t_add, dtype=dtype
-        )
+    notice = model_notice(spec.source)
+    if notice:
+        print(notice, file=sys.stderr)
+    config = ModelConfig(source=spec.source, sd_path=spec.sd_path, naosd_path=spec.naosd_path,
+                         tiny_seed=spec.tiny_seed, t_add=t_add, dtype=dtype)  # fmt: skip
     model = build_naosd(config, device=device)
     if spec.adapter:
         load_adapter(model.unet, spec.adapter)
@@ -140,7 +151,7 @@ def super_resolve(
     device = model.alphas_cumprod.device
     up = F.interpolate(lr.float(), scale_factor=config.upscale, mode="bicubic", align_corners=False).clamp(0, 1)
     h, w = up.shape[-2:]
-    padded = F.pad(up, (0, -w % 8, 0, -h % 8), mode="replicate")  # the VAE downsamples by 8
+    padded = F.pad(up, (0, -w % 8, 0, -h % 8), mode="replicate")  # SD's VAE downsamples by 8 (the tiny one by 4)
     z_lr = model.encode((padded * 2 - 1).to(device), list(generators)).float()
     eps = model.noise(z_lr.shape, list(generators))  # fresh noise per image (SPEC section 2)
     z_noisy = q_sample(z_lr, eps, model.abar(model.t_add))
@@ -289,7 +300,7 @@ def _batches(inputs: Sequence[Path], batch_size: int, report: InferReport):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rollout.infer",
+        prog="python -m sr_tools.infer",
         description="One-step diffusion SR with NAOSD / GDPO-SR. The UNet runs on latent tiles for large "
         "images; the VAE encode/decode is NOT tiled yet, so very large outputs need the memory of a full-size "
         "VAE pass.",
@@ -299,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sd-path", default="", help="local SD 2.1-base diffusers folder")
     parser.add_argument("--naosd-path", default="", help="merged NAOSD/GDPO-SR folder or NAOSD checkpoint file")
     parser.add_argument("--adapter", default="", help="a GDPO-SR adapter folder (safetensors + JSON)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny random model (default without --sd-path)")
-    parser.add_argument("--tiny-seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny trained model (default without --sd-path; --naosd-path alone: a tiny folder)")
+    parser.add_argument("--tiny-random", action="store_true", help="the tiny architecture with random weights")
+    parser.add_argument("--tiny-seed", type=int, default=0, help="seed of --tiny-random")
     parser.add_argument("--t-add", type=int, default=250, help="noise timestep: 150 faithful .. 350 generative")
     parser.add_argument("--seed", type=int, default=42, help="same seed, same output")
     parser.add_argument("--upscale", type=int, default=4, help="output size = LR size x this (bicubic first)")
@@ -315,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
-    if args.tiny and (args.sd_path or args.naosd_path):
-        raise ValueError("--tiny cannot be combined with --sd-path/--naosd-path")
-    return ModelSpec(sd_path=args.sd_path, naosd_path=args.naosd_path, adapter=args.adapter, tiny_seed=args.tiny_seed)
+    if (args.tiny or args.tiny_random) and args.sd_path:
+        raise ValueError("--tiny/--tiny-random cannot be combined with --sd-path")
+    return ModelSpec(sd_path=args.sd_path, naosd_path=args.naosd_path, adapter=args.adapter, tiny_seed=args.tiny_seed,
+                     tiny_random=args.tiny_random)  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> InferConfig:

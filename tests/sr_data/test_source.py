@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from common.config import from_mapping
-from rollout import lr_synthesis
-from rollout.data import EMBEDDED_IMAGES, DataConfig, PairSource, TrainingPair, bicubic_degrade
-from tests.rollout.conftest import CROP
-from tests.rollout.conftest import photo as _photo
-from tests.rollout.conftest import save as _save
+from sr_data import lr_synthesis
+from sr_data.embedded_images import EMBEDDED_HELDOUT, _load_embedded, load_heldout
+from sr_data.source import EMBEDDED_IMAGES, DataConfig, PairSource, TrainingPair, bicubic_degrade
+from tests.sr_data.conftest import CROP
+from tests.sr_data.conftest import photo as _photo
+from tests.sr_data.conftest import save as _save
 
 
 def _truncated_jpeg(path: Path) -> Path:
@@ -46,20 +47,29 @@ def test_embedded_set_loads_offline(embedded: PairSource) -> None:
     assert len(embedded) == len(EMBEDDED_IMAGES) >= 6
     assert embedded.skipped == {}
     assert set(embedded.image_ids) == set(EMBEDDED_IMAGES)
+    assert not set(embedded.image_ids) & set(EMBEDDED_HELDOUT)  # the held-out photos are never trained on
     assert embedded.upscaled == {}  # every embedded photo is larger than 64
-    assert "8 HR images" in embedded.summary()
+    assert "10 HR images" in embedded.summary()
+
+
+def test_grey_photos_become_three_equal_channels_and_held_out_ones_stay_out_of_training() -> None:
+    grey = _load_embedded("camera")
+    assert grey.shape == (512, 512, 3) and (grey[..., 0] == grey[..., 2]).all()
+    assert load_heldout("coffee").shape == (400, 600, 3)
+    with pytest.raises(KeyError, match="not a held-out image"):
+        load_heldout("astronaut")
 
 
 def test_embedded_small_photos_are_upscaled_at_512() -> None:
     source = PairSource(DataConfig())
-    assert set(source.upscaled) == {"chelsea", "coffee", "rocket", "motorcycle_left"}
+    assert set(source.upscaled) == {"chelsea", "rocket"}
     assert source.upscaled["chelsea"] == (300, 451)
     pair = source.sample(0)
     assert pair.hr.shape == pair.lr.shape == (3, 512, 512)
 
 
 def test_embedded_photo_that_fails_to_load_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rollout import data
+    from sr_data import source as data
 
     real = data._load_embedded
 

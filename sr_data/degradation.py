@@ -32,7 +32,7 @@ import kornia
 import torch
 from torch import Tensor
 
-from rollout import kernels as K
+from sr_data import kernels as K
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 ODD_SIZES_7_21 = (7, 9, 11, 13, 15, 17, 19, 21)
@@ -68,7 +68,7 @@ class DegradationConfig:
     blur_sigma2: tuple[float, float] = (0.2, 1.5)
     betag_range2: tuple[float, float] = (0.5, 4.0)
     betap_range2: tuple[float, float] = (1.0, 2.0)
-    resize_prob2: tuple[float, float, float] = (0.2, 0.7, 0.1)
+    resize_prob2: tuple[float, float, float] = (0.3, 0.4, 0.3)  # not the first stage's (0.2, 0.7, 0.1)
     resize_range2: tuple[float, float] = (0.6, 1.2)
     gaussian_noise_prob2: float = 0.5
     noise_range2: tuple[float, float] = (1.0, 12.0)

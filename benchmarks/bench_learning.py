@@ -1,0 +1,192 @@
+"""Does it learn?  (a) the tiny NAOSD against bicubic, (b) a short GDPO run against its starting point.
+
+Both on held-out crops of photos nothing ever trains on (``sr_data.embedded_images.EMBEDDED_HELDOUT``),
+degraded as the tiny config's training data is (bicubic x4).
+
+(a) PSNR-Y, SSIM-Y and a sharpness ratio (mean Sobel gradient magnitude of the image over the HR's;
+    1 = as sharp as the HR) of bicubic upsampling and of the tiny NAOSD (mean over its samples).
+(b) For each seed: GDPO from the committed tiny NAOSD, through the same plain classes the Ray actors
+    host (RolloutWorker -> RewardWorker -> LearnerRank with DeepSpeed, one rank, in this process),
+    for ``--steps`` steps.  Then start and end model sample the held-out crops with *identical* noise
+    (as the paper's Table 1) and are scored with the reward's own metrics on their fixed score
+    ranges (an absolute ARF reward: Eq. 7 with range- instead of group-normalised scores) and with
+    metrics the reward does not contain (SSIM-Y, sharpness).  Mean and spread over the seeds.
+
+    python benchmarks/bench_learning.py                      # (a) and (b), 3 seeds
+    python benchmarks/bench_learning.py --steps 100 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kornia
+import numpy as np
+import torch
+
+from common.adapter_sync import apply_to
+from common.naosd import NAOSD, ModelConfig
+from common.weights import build_naosd
+from reward_service.arf import arf_reward, range_normalise
+from reward_service.config import RewardConfig
+from reward_service.worker import RewardWorker
+from sr_data.embedded_images import EMBEDDED_HELDOUT, load_heldout
+from sr_data.lr_synthesis import bicubic_degrade
+from sr_tools.iqa import create_metric
+
+
+def heldout_crops(count: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` fixed crops alternating over the held-out photos: HR and bicubic LR, uint8 ``[N, 3, s, s]``."""
+    rng = np.random.default_rng(seed)
+    photos = [load_heldout(name) for name in sorted(EMBEDDED_HELDOUT)]
+    hr, lr = [], []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+        crop = np.ascontiguousarray(photo[y : y + size, x : x + size].transpose(2, 0, 1))
+        hr.append(crop)
+        lr.append(bicubic_degrade(crop, 4))
+    return torch.from_numpy(np.stack(hr)), torch.from_numpy(np.stack(lr))
+
+
+@torch.no_grad()
+def sample(model: NAOSD, lr: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """``[N, S, 3, H, W]`` in [0, 1]; crop i's noise depends on (seed, i) only, so two models see the same noise."""
+    emb = model.encode_prompts([""])
+    out = []
+    for i, image in enumerate(lr):
+        generator = torch.Generator().manual_seed(seed * 100_003 + i)
+        x = image.float().div(127.5).sub(1).unsqueeze(0)
+        out.append(model.sample_group(x, emb, group_size=samples, generator=generator)[0].add(1).div(2))
+    return torch.stack(out)
+
+
+def sharpness(images: torch.Tensor, hr: torch.Tensor) -> float:
+    """Mean Sobel gradient magnitude of ``images`` over that of the HR (1 = as sharp as the HR)."""
+    grad = lambda x: kornia.filters.sobel(kornia.color.rgb_to_grayscale(x)).mean()  # noqa: E731
+    return float(grad(images) / grad(hr))
+
+
+def image_metrics(images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    """PSNR-Y, SSIM-Y, sharpness of ``images [N, S, 3, H, W]`` (or ``[N, 3, H, W]``) against ``hr [N, 3, H, W]``."""
+    flat = images.reshape(-1, *images.shape[-3:]).float().clamp(0, 1)
+    reps = flat.shape[0] // hr.shape[0]
+    ref = hr.float().div(255).repeat_interleave(reps, dim=0)
+    psnr, ssim = create_metric("psnr"), create_metric("ssim")
+    return {
+        "psnr_y": float(psnr.model(flat, ref).mean()),
+        "ssim_y": float(ssim.model(flat, ref).mean()),
+        "sharpness": sharpness(flat, ref),
+    }
+
+
+def reward_metrics(worker: RewardWorker, images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    """The reward's metrics (raw means) and the absolute ARF reward of ``images [N, S, 3, H, W]``."""
+    result = worker.score_images(images, hr)
+    is_fr = np.array([m.full_reference for m in worker.metrics])
+    lower = np.array([m.lower_better for m in worker.metrics])
+    ranges = np.array([m.score_range for m in worker.metrics], np.float64).reshape(-1, 2)
+    absolute = arf_reward(range_normalise(result.metric_raw, ranges, lower), is_fr, result.rho_s, result.rho_d)
+    out = {"reward": float(absolute.mean())}
+    for j, name in enumerate(worker.metric_names):
+        out[name] = float(result.metric_raw[:, j].mean())
+    return out
+
+
+def compare_bicubic(model: NAOSD, hr: torch.Tensor, lr: torch.Tensor, samples: int) -> None:
+    sr = sample(model, lr, samples, seed=0)
+    rows = {"bicubic": image_metrics(lr.float().div(255), hr), "tiny NAOSD": image_metrics(sr, hr)}
+    print(f"\n(a) held-out: {len(hr)} crops of {hr.shape[-1]}x{hr.shape[-1]} from {sorted(EMBEDDED_HELDOUT)}, "
+          f"x4 bicubic LR; NAOSD: mean over {samples} samples per crop")  # fmt: skip
+    print(f"{'':>12} {'PSNR-Y':>8} {'SSIM-Y':>8} {'sharpness':>10}")
+    for name, m in rows.items():
+        print(f"{name:>12} {m['psnr_y']:8.3f} {m['ssim_y']:8.4f} {m['sharpness']:10.3f}")
+    gap = rows["tiny NAOSD"]["psnr_y"] - rows["bicubic"]["psnr_y"]
+    print(f"PSNR-Y of NAOSD minus bicubic: {gap:+.3f} dB (target: >= -1 dB)")
+
+
+def gdpo_run(args: argparse.Namespace, seed: int) -> object:
+    """GDPO from the committed tiny NAOSD; returns the final adapter."""
+    steps, groups_per_step, group_size = args.steps, args.groups_per_step, args.group_size
+    from learner.config import LearnerConfig
+    from learner.engine import LearnerRank
+    from learner.gdpo_loss import GDPOLossConfig
+    from rollout.worker import RolloutConfig, RolloutWorker
+    from sr_data.source import DataConfig
+
+    data = DataConfig(crop_size=64, degradation="bicubic", seed=seed)
+    rollout = RolloutWorker(ModelConfig(), RolloutConfig(group_size=group_size, seed=seed), data, f"bench{seed}")
+    reward = RewardWorker(RewardConfig.offline())
+    config = LearnerConfig(lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.manual_seed(seed)
+    learner = LearnerRank(ModelConfig(), config, 0, 1, "127.0.0.1", port)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = rollout.generate(range(step * groups_per_step, (step + 1) * groups_per_step))
+        scored, _ = reward.score_batch(batch)
+        stats = learner.train_step(scored)
+        if (step + 1) % max(steps // 5, 1) == 0:
+            print(f"  seed {seed} step {step + 1}/{steps}: loss {stats['loss']:.4f} "
+                  f"grad {stats['grad_norm']:.3g} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    return learner.adapter_weights()
+
+
+def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
+    worker = RewardWorker(RewardConfig.offline())
+    start_model = build_naosd(ModelConfig()).eval()
+    rows: dict[str, list[float]] = {}
+    print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
+          f"omega {args.omega}, offline reward {worker.metric_names}; seeds {args.seeds}")  # fmt: skip
+    for seed in args.seeds:
+        weights = gdpo_run(args, seed)
+        end_model = build_naosd(ModelConfig()).eval()
+        apply_to(end_model.unet, weights)
+        before = sample(start_model, lr, args.samples, seed=seed)
+        after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
+        for name, images in (("start", before), ("gdpo", after)):
+            for key, value in {**reward_metrics(worker, images, hr), **image_metrics(images, hr)}.items():
+                rows.setdefault(f"{key}|{name}", []).append(value)
+    print(f"\n{'metric':>12} {'start':>18} {'after GDPO':>18} {'change':>18}   (mean ± std over seeds)")
+    for key in dict.fromkeys(k.split("|")[0] for k in rows):
+        a, b = np.array(rows[f"{key}|start"]), np.array(rows[f"{key}|gdpo"])
+        d = b - a
+        note = "" if key in ("reward", *worker.metric_names) else "  (not in the reward)"
+        print(f"{key:>12} {a.mean():10.4f} ± {a.std():<6.4f} {b.mean():10.4f} ± {b.std():<6.4f} "
+              f"{d.mean():+10.4f} ± {d.std():<6.4f}{note}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crops", type=int, default=24, help="held-out crops")
+    parser.add_argument("--size", type=int, default=64, help="HR crop side")
+    parser.add_argument("--samples", type=int, default=2, help="NAOSD samples per crop (fixed noises)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--groups-per-step", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--omega", type=float, default=5000.0)
+    parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    hr, lr = heldout_crops(args.crops, args.size)
+    compare_bicubic(build_naosd(ModelConfig()).eval(), hr, lr, args.samples)
+    if not args.skip_gdpo:
+        compare_gdpo(args, hr, lr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""NAOSD pre-training (SPEC section 9), the first stage of GDPO-SR, on the same machinery as GDPO.
+
+    python -m learner.pretrain --config tiny_pretrain            # the tiny default model, local Ray, CPU
+    python -m learner.pretrain --config paper_pretrain model.sd_path=/models/sd21-base \\
+        data.hr_dir=/data/lsdir pretrain.lpips_weights_dir=/models/iqa cluster.learner.num_ranks=4
+
+DeepSpeed ranks as Ray actors (:class:`~learner.pretrain_rank.PretrainRank`,
+one per actor), the data source and degradation of :mod:`sr_data`, Prometheus
+metrics, progress lines, a checkpoint every ``run.checkpoint_every`` steps and
+exact resume.  At the end rank 0 writes ``run.export_dir`` (default
+``<output_dir>/naosd``): ``unet/`` and ``vae/`` with the LoRA merged, which
+GDPO loads as ``model.naosd_path`` (with ``model.source=tiny`` for the tiny
+architecture), plus the adapters as safetensors in LoRA mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import from_mapping, load_mapping, save_config, to_mapping
+from common.naosd import ModelConfig
+from common.telemetry import MetricsConfig
+from learner.config import LearnerPoolConfig
+from learner.group import RendezvousHost
+from learner.pretrain_rank import PretrainConfig
+from sr_data.source import DataConfig
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainRunConfig:
+    steps: int = 35_000  # paper: 35 K iterations
+    output_dir: str = "runs/pretrain"
+    export_dir: str = ""  # where the merged model goes; "" = <output_dir>/naosd
+    resume: bool = True  # continue from <output_dir>/checkpoint when it exists
+    log_every: int = 10
+    checkpoint_every: int = 1000  # 0 = only at the end
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("steps >= 0, log_every >= 1 and checkpoint_every >= 0 are required")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainClusterConfig:
+    learner: LearnerPoolConfig = field(default_factory=LearnerPoolConfig)
+    ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainJob:
+    run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cluster: PretrainClusterConfig = field(default_factory=PretrainClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        ranks = self.cluster.learner.num_ranks
+        if self.pretrain.batch_size % ranks:
+            raise ValueError(f"pretrain.batch_size={self.pretrain.batch_size} must divide evenly over {ranks} ranks")
+        lpips = self.pretrain.loss.lambda_lpips
+        if lpips and self.model.source == "pretrained" and not self.pretrain.lpips_weights_dir:
+            raise ValueError("pretrain.loss.lambda_lpips > 0 needs pretrain.lpips_weights_dir (LPIPS-VGG's weights); "
+                             "set lambda_lpips=0 to train without it")  # fmt: skip
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.run.export_dir or Path(self.run.output_dir) / "naosd")
+
+
+def load_pretrain_job(source: str, overrides: Sequence[str] = ()) -> PretrainJob:
+    return from_mapping(PretrainJob, load_mapping(source, overrides))
+
+
+class _PretrainHost(RendezvousHost):
+    """Body of a pre-training rank actor (DeepSpeed is imported here, in the actor, not in the driver)."""
+
+    def setup(self, job: PretrainJob, *, rank: int, world: int, addr: str, port: int) -> None:
+        from learner.pretrain_rank import PretrainRank
+
+        self._rank = PretrainRank(job.model, job.pretrain, job.data, rank, world, addr, port)
+
+    def train_step(self) -> dict[str, float]:
+        return self._rank.train_step()
+
+    def save_checkpoint(self, directory: str) -> None:
+        self._rank.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        return self._rank.load_checkpoint(directory)
+
+    def export(self, directory: str) -> str:
+        return self._rank.export(directory)
+
+
+def pretrain(job: PretrainJob) -> dict[str, float]:
+    """Run pre-training to ``job.run.steps``; returns the last step's mean stats over ranks."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from common.telemetry import PretrainTelemetry
+    from learner.group import start_ranks
+
+    out = Path(job.run.output_dir)
+    save_config(job, out / "config.yaml")
+    if job.model.source != "pretrained":
+        print(f"NOTE: pre-training the tiny SD-architecture model (model.source={job.model.source}) on CPU-sized "
+              "data: a toy NAOSD, not the paper's", flush=True)  # fmt: skip
+    telemetry = PretrainTelemetry()
+    if port := telemetry.serve(job.metrics):
+        print(f"metrics: http://{job.metrics.host}:{port}/metrics", flush=True)
+    pg, ranks = None, []
+    try:
+        pg, ranks = start_ranks(
+            _PretrainHost, job.cluster.learner, lambda r, **kw: r.setup.remote(job, **kw), ready_timeout_s=600.0
+        )
+        return _loop(job, out, ranks, telemetry)
+    finally:
+        for actor in ranks:
+            ray.kill(actor)
+        if pg is not None:
+            remove_placement_group(pg)
+        telemetry.close()
+
+
+def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: Any) -> dict[str, float]:
+    import ray
+
+    checkpoint = out / CHECKPOINT_DIR
+    step = 0
+    if job.run.resume and checkpoint.is_dir():
+        step = ray.get([r.load_checkpoint.remote(str(checkpoint)) for r in ranks])[0]
+        print(f"resumed at step {step}", flush=True)
+    telemetry.step.set(step)
+    stats: dict[str, float] = {}
+    started, first = time.perf_counter(), step
+    while step < job.run.steps:
+        t0 = time.perf_counter()
+        per_rank = ray.get([r.train_step.remote() for r in ranks])
+        seconds = time.perf_counter() - t0
+        step += 1
+        stats = {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
+        assert stats["step"] == step, (stats["step"], step)
+        _record(telemetry, stats, seconds, job.pretrain.batch_size)
+        if step % job.run.log_every == 0 or step == job.run.steps:
+            rate = (step - first) * job.pretrain.batch_size / (time.perf_counter() - started)
+            terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
+            norms = " ".join(f"{k[10:]} {v:.3g}" for k, v in stats.items() if k.startswith("grad_norm_"))
+            print(f"pretrain step {step}/{job.run.steps} | {terms} | grad {norms} | {rate:.1f} img/s", flush=True)
+        if job.run.checkpoint_every and step % job.run.checkpoint_every == 0 and step < job.run.steps:
+            ray.get([r.save_checkpoint.remote(str(checkpoint)) for r in ranks])
+    ray.get([r.save_checkpoint.remote(str(checkpoint)) for r in ranks])
+    exported = ray.get([r.export.remote(str(job.export_dir)) for r in ranks])[0]
+    print(f"model written to {exported} (load it with model.naosd_path={exported})", flush=True)
+    return stats
+
+
+def _record(telemetry: Any, stats: dict[str, float], seconds: float, batch_size: int) -> None:
+    telemetry.step.set(stats["step"])
+    telemetry.step_seconds.observe(seconds)
+    telemetry.samples.inc(batch_size)
+    for key, value in stats.items():
+        if key.startswith("loss_"):
+            telemetry.loss.labels(term=key.removeprefix("loss_")).set(value)
+        elif key.startswith("grad_norm_"):
+            telemetry.grad_norm.labels(group=key.removeprefix("grad_norm_")).set(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m learner.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--config", required=True, help="shipped config (tiny_pretrain, paper_pretrain) or a file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        job = load_pretrain_job(args.config, args.overrides)
+    except ValueError as err:
+        raise SystemExit(f"config error: {err}") from None
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_mapping(job), sort_keys=False))
+        return 0
+    from common.ray_session import init_ray
+
+    pool = job.cluster.learner
+    # A private local Ray unless a cluster is named (RAY_ADDRESS, as under `ray job submit`, or cluster.ray_address).
+    init_ray(job.cluster.ray_address, local=True, num_cpus=pool.num_ranks * pool.num_cpus)
+    start = time.perf_counter()
+    pretrain(job)
+    print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
