@@ -34,7 +34,7 @@ class RolloutGroups:
     lr: np.ndarray  # [N, 3, H, W] uint8, LR already resized to the output size
     hr: np.ndarray  # [N, 3, H, W] uint8
     sr: np.ndarray  # [N, G, 3, H, W] float32 in [0, 1]
-    latents: np.ndarray  # [N, G, 4, H/8, W/8] float32, z0 = re-encoded SR (scaled)
+    latents: np.ndarray  # [N, G, 4, H/f, W/f] float32, z0 = re-encoded SR (scaled); f = 8 (SD), 4 (tiny)
     text_emb: np.ndarray  # [N, L, D] float32, the prompt's CLIP embedding
     generate_seconds: np.ndarray  # [N] float64, rollout wall time per group
 

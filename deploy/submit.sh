@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Submit a GDPO-SR training job to a running Ray cluster.
+# Submit a GDPO-SR job to a running Ray cluster.
 #   RAY_ADDRESS=http://<head>:8265 deploy/submit.sh --config paper model.sd_path=/models/sd21 model.naosd_path=/models/naosd
-# Extra arguments go to `python -m rollout`. Run from the repository root.
+#   ENTRY=learner.pretrain RAY_ADDRESS=... deploy/submit.sh --config paper_pretrain model.sd_path=/models/sd21 ...
+# Extra arguments go to `python -m $ENTRY` (default: rollout, the GDPO training loop). Run from the repository root.
 set -euo pipefail
 : "${RAY_ADDRESS:=http://127.0.0.1:8265}"
-exec ray job submit --address "$RAY_ADDRESS" --runtime-env deploy/runtime_env.yaml -- python -m rollout "$@"
+: "${ENTRY:=rollout}"
+exec ray job submit --address "$RAY_ADDRESS" --runtime-env deploy/runtime_env.yaml -- python -m "$ENTRY" "$@"

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from common.naosd import ModelConfig
-from learner.engine import init_distributed, initialize
 from learner.pretrain_loss import ImageLoss, PretrainLossConfig
 from learner.pretrain_model import PretrainModelConfig, PretrainNAOSD
 from sr_data.source import DataConfig, PairSource
@@ -120,6 +119,8 @@ class PretrainRank:
     ) -> None:
         if config.batch_size % world_size:
             raise ValueError(f"pretrain.batch_size={config.batch_size} must divide evenly over {world_size} ranks")
+        from learner.engine import init_distributed, initialize  # DeepSpeed: in the rank's process only
+
         self.config, self.rank, self.world_size = config, rank, world_size
         init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(config.seed)  # the LoRA init (identical on every rank)

@@ -37,7 +37,7 @@ def test_generate_fills_the_record(worker):
     groups = decode_rollout(worker.generate([0, 1]))
     assert groups.sr.shape == (2, 3, 3, 32, 32) and groups.sr.dtype == np.float32
     assert groups.sr.min() >= 0 and groups.sr.max() <= 1
-    assert groups.latents.shape == (2, 3, 4, 4, 4) and groups.text_emb.shape == (2, 77, 32)
+    assert groups.latents.shape == (2, 3, 4, 8, 8) and groups.text_emb.shape == (2, 77, 32)
     assert groups.lr.shape == groups.hr.shape == (2, 3, 32, 32) and groups.lr.dtype == np.uint8
     assert groups.data_index.tolist() == [0, 1] and groups.group_id == ("r0-000000000", "r0-000000001")
     assert groups.seed.tolist() == [group_seed(0, 0), group_seed(0, 1)]
