@@ -125,7 +125,7 @@ def gdpo_run(args: argparse.Namespace, seed: int) -> object:
 
     data = DataConfig(crop_size=64, degradation="bicubic", seed=seed)
     rollout = RolloutWorker(ModelConfig(), RolloutConfig(group_size=group_size, seed=seed), data, f"bench{seed}")
-    reward = RewardWorker(RewardConfig.offline())
+    reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
     config = LearnerConfig(lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,7 +148,7 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
     start_model = build_naosd(ModelConfig()).eval()
     rows: dict[str, list[float]] = {}
     print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
-          f"omega {args.omega}, offline reward {worker.metric_names}; seeds {args.seeds}")  # fmt: skip
+          f"omega {args.omega}, reward {worker.metric_names} ({args.weighting}); seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
         weights = gdpo_run(args, seed)
         end_model = build_naosd(ModelConfig()).eval()
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--groups-per-step", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-3, help="paper: 5e-5 (SD); the tiny LoRA needs more")
+    parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"],
+                        help="the training reward's weighting (reward.weighting); evaluation always reports ARF")
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     args = parser.parse_args(argv)

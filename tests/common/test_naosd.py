@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 from common.naosd import NAOSD, UNET_LORA_PATTERNS, ModelConfig, adapter_disabled, lora_parameters
 from common.tiny import tiny_unet
-from common.weights import build_naosd
+from common.weights import build_base, build_naosd
 from tests.common.conftest import randomise_lora
 
 ABAR_100, ABAR_250 = 0.89422, 0.67379  # SPEC section 1
@@ -104,7 +104,7 @@ def test_lora_lands_exactly_on_spec_targets(tiny_model: NAOSD):
 
 def test_adapter_disabled_equals_separately_built_frozen_copy(tiny_model: NAOSD, lr_image):
     randomise_lora(tiny_model)
-    frozen = tiny_unet(0)  # same seed, never adapted
+    frozen = build_base(ModelConfig())[0]  # the same committed weights, never adapted
     z = torch.randn(2, 4, 4, 4)
     emb = tiny_model.encode_prompts(["", "a photo, "])
     with torch.no_grad():

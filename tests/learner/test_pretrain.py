@@ -214,3 +214,21 @@ def test_the_pretraining_driver_never_imports_deepspeed():
 
     code = "import sys, learner.pretrain; sys.exit('deepspeed' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_shipped_pretraining_configs_hold_the_reference_values():
+    from learner.pretrain import load_pretrain_job
+
+    paper = load_pretrain_job("paper_pretrain")
+    p = paper.pretrain
+    assert (p.batch_size, p.lr, p.fake_lr, p.grad_clip, p.lr_decay_steps, paper.run.steps) == (16, 5e-5, 5e-5, 1.0, 0,
+                                                                                               35_000)  # fmt: skip
+    ranks = (p.model.unet_lora_rank, p.model.vae_lora_rank, p.model.fake_lora_rank)
+    assert not p.model.train_base and ranks == (4, 4, 8)
+    assert (p.loss.lambda_l2, p.loss.lambda_lpips, p.loss.lambda_vsd, p.loss.cfg_scale) == (1.0, 2.0, 1.0, 7.5)
+    assert paper.data.degradation == "realesrgan" and paper.data.crop_size == 512
+    tiny = load_pretrain_job("tiny_pretrain")
+    assert tiny.model.source == "tiny_random" and tiny.pretrain.model.train_base and tiny.pretrain.loss.lambda_vsd == 0
+    assert tiny.data.hr_dir == ""  # the embedded training photos: the held-out ones are never read
+    with pytest.raises(ValueError, match="lpips_weights_dir"):
+        load_pretrain_job("paper_pretrain", ['pretrain.lpips_weights_dir=""'])

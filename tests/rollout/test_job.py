@@ -16,7 +16,7 @@ from rollout.job import JobConfig, load_job
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+@pytest.mark.parametrize("name", [n for n in SHIPPED_CONFIGS if not n.endswith("_pretrain")])
 def test_shipped_configs_build(name):
     job = load_job(name)
     assert isinstance(job, JobConfig)
