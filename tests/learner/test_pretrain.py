@@ -232,3 +232,19 @@ def test_shipped_pretraining_configs_hold_the_reference_values():
     assert tiny.data.hr_dir == ""  # the embedded training photos: the held-out ones are never read
     with pytest.raises(ValueError, match="lpips_weights_dir"):
         load_pretrain_job("paper_pretrain", ['pretrain.lpips_weights_dir=""'])
+
+
+def test_step_stats_become_prometheus_series():
+    from prometheus_client import generate_latest
+
+    from common.telemetry import PretrainTelemetry
+    from learner.pretrain import _record
+
+    telemetry = PretrainTelemetry()
+    stats = {"step": 3.0, "loss_pixel": 0.25, "loss_vsd": 0.5, "loss_total": 0.75, "grad_norm_generator": 1.5}
+    _record(telemetry, stats, seconds=0.2, batch_size=16)
+    text = generate_latest(telemetry.registry).decode()
+    for line in ('naosd_pretrain_step 3.0', 'naosd_pretrain_loss{term="pixel"} 0.25',
+                 'naosd_pretrain_loss{term="vsd"} 0.5', 'naosd_pretrain_grad_norm{group="generator"} 1.5',
+                 "naosd_pretrain_samples_total 16.0", "naosd_pretrain_step_seconds_count 1.0"):  # fmt: skip
+        assert line in text, line
