@@ -17,7 +17,7 @@ from rollout.driver import CHECKPOINT_DIR, train
 from rollout.job import load_job
 from rollout.pool import RolloutPool
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # end-to-end Ray runs, 30-90 s each
 
 
 def _job(tmp_path: Path, *overrides: str):

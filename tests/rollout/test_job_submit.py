@@ -25,7 +25,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A separate single-node cluster; `--block` ties its processes to ours, so killing it stops them all."""
     gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
@@ -77,3 +77,20 @@ def test_dry_run_submitted_with_ray_job_submit(ray_head, tmp_path):
     assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log and "step 2 |" in log
     assert (out / "checkpoint").is_dir() and (out / "samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_pretraining_submitted_through_submit_sh(ray_head, tmp_path):
+    """NAOSD pre-training under `ray job submit`, via deploy/submit.sh with ENTRY=learner.pretrain."""
+    address, env = ray_head
+    out = tmp_path / "pretrain-run"
+    overrides = ["--config", "tiny_pretrain", "run.steps=2", "run.log_every=1", f"run.output_dir={out}",
+                 "data.crop_size=16", "pretrain.batch_size=4", "metrics.enabled=false"]  # fmt: skip
+    job = subprocess.run(
+        ["bash", "deploy/submit.sh", *overrides], check=False, cwd=REPO, capture_output=True, text=True,
+        env={**env, "RAY_ADDRESS": address, "ENTRY": "learner.pretrain"}, timeout=600,
+    )  # fmt: skip
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "pretrain step 2/2" in log
+    assert (out / "naosd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
