@@ -179,10 +179,9 @@ class NAOSD(nn.Module):
     def one_step(self, lr: Tensor, text_emb: Tensor, generator: torch.Generator | None = None) -> OneStepOutput:
         """The differentiable forward of pre-training: one sample per image, with its latents and posterior."""
         posterior = self.vae.encode(lr.to(self.vae.dtype)).latent_dist
-        z_lr = posterior.sample(generator=generator) * self.scaling_factor
-        z_noisy = q_sample(z_lr.float(), self.noise(z_lr.shape, generator), self.abar(self.t_add))
-        z_sr = self.denoise(z_noisy, text_emb).float()
-        return OneStepOutput(sr=self.decode(z_sr).float(), z_sr=z_sr, posterior=posterior)
+        z_lr = (posterior.sample(generator=generator) * self.scaling_factor).float()
+        sr, z_sr = self._from_lr_latents(z_lr, text_emb, generator)
+        return OneStepOutput(sr=sr, z_sr=z_sr, posterior=posterior)
 
     def forward(self, lr: Tensor, text_emb: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One SR sample per image: LR ``[B, 3, H, W]`` (already upscaled) -> SR ``[B, 3, H, W]``."""
@@ -194,8 +193,14 @@ class NAOSD(nn.Module):
         """G samples per image ``[B, G, 3, H, W]``; ``z_lr`` is sampled once per image (SPEC section 3)."""
         b = lr.shape[0]
         z_lr = self.encode(lr, generator).float().repeat_interleave(group_size, dim=0)  # [B*G, 4, h, w]
+        sr, _ = self._from_lr_latents(z_lr, text_emb.repeat_interleave(group_size, dim=0), generator)
+        return sr.unflatten(0, (b, group_size))
+
+    def _from_lr_latents(
+        self, z_lr: Tensor, text_emb: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Steps 2-5 of SPEC section 2 for float32 ``z_lr [N, 4, h, w]``: SR ``[N, 3, H, W]`` and ``z_sr``."""
         eps = self.noise(z_lr.shape, generator)  # one fresh noise per sample
         z_noisy = q_sample(z_lr, eps, self.abar(self.t_add))
-        z_sr = self.denoise(z_noisy, text_emb.repeat_interleave(group_size, dim=0)).float()
-        sr = self.decode(z_sr).float()
-        return sr.unflatten(0, (b, group_size))
+        z_sr = self.denoise(z_noisy, text_emb).float()
+        return self.decode(z_sr).float(), z_sr

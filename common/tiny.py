@@ -84,9 +84,6 @@ def tiny_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
-TINY_VAE_DOWNSAMPLE = 4  # SD's is 8; see the module docstring
-
-
 def tiny_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed + 1)
     kinds = 3  # three resolutions = two 2x downsamples = 4x (SD: four, 8x)

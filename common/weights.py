@@ -73,7 +73,7 @@ def build_policy_unet(config: ModelConfig) -> tuple[UNet2DConditionModel, Tensor
 
 def build_base(config: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
                                              DDPMScheduler]:
-    """The NAOSD base weights without any adapter: what pre-training starts from (all modules in train mode)."""
+    """The NAOSD base weights without any adapter: what pre-training starts from."""
     text_encoder, tokenizer, scheduler = _text_and_scheduler(config)
     return _base_unet(config), _base_vae(config), text_encoder, tokenizer, scheduler
 

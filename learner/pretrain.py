@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.util.placement_group import remove_placement_group
+
 from common.config import from_mapping, load_mapping, save_config, to_mapping
 from common.naosd import ModelConfig
-from common.telemetry import MetricsConfig
+from common.telemetry import MetricsConfig, PretrainTelemetry
 from learner.config import LearnerPoolConfig
-from learner.group import RendezvousHost
+from learner.group import RendezvousHost, start_ranks
 from learner.pretrain_rank import PretrainConfig
 from sr_data.source import DataConfig
 
@@ -105,12 +108,6 @@ class _PretrainHost(RendezvousHost):
 
 def pretrain(job: PretrainJob) -> dict[str, float]:
     """Run pre-training to ``job.run.steps``; returns the last step's mean stats over ranks."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    from common.telemetry import PretrainTelemetry
-    from learner.group import start_ranks
-
     out = Path(job.run.output_dir)
     save_config(job, out / "config.yaml")
     if job.model.source != "pretrained":
@@ -133,9 +130,7 @@ def pretrain(job: PretrainJob) -> dict[str, float]:
         telemetry.close()
 
 
-def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: Any) -> dict[str, float]:
-    import ray
-
+def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: PretrainTelemetry) -> dict[str, float]:
     checkpoint = out / CHECKPOINT_DIR
     step = 0
     if job.run.resume and checkpoint.is_dir():
@@ -165,7 +160,7 @@ def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: Any) -> dict
     return stats
 
 
-def _record(telemetry: Any, stats: dict[str, float], seconds: float, batch_size: int) -> None:
+def _record(telemetry: PretrainTelemetry, stats: dict[str, float], seconds: float, batch_size: int) -> None:
     telemetry.step.set(stats["step"])
     telemetry.step_seconds.observe(seconds)
     telemetry.samples.inc(batch_size)

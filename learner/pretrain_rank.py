@@ -124,8 +124,8 @@ class PretrainRank:
         self.config, self.rank, self.world_size = config, rank, world_size
         init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(config.seed)  # the LoRA init (identical on every rank)
-        device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if config.device == "auto" else config.device)  # fmt: skip
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if config.device == "auto" else config.device)
         self.model = PretrainNAOSD(model_config, config.model, config.loss).to(device)
         groups = self.model.trainable_groups()
         self._groups = {name: params for name, params in groups.items() if params}
