@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from rollout.cli import cpus_needed
+    from rollout.cli import pool_requests
     from rollout.driver import train
     from rollout.job import load_job
 
@@ -87,7 +87,8 @@ def main() -> None:
     job = load_job("tiny", overrides)
     plain = plain_samples_per_second(job, args.steps)
     print(f"plain process: {plain:.2f} samples/s (steady state, {args.steps - 1} steps)")
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed(job.cluster) + 0.999)), include_dashboard=False,
+    cpus = sum(p.total["CPU"] for p in pool_requests(job.cluster))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), include_dashboard=False,
              _node_ip_address="127.0.0.1")  # fmt: skip
     try:
         summary = train(job)

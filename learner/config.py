@@ -12,14 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.ray_session import validate_custom_resources
 from learner.gdpo_loss import GDPOLossConfig
+from learner.nft_loss import NFTLossConfig
+from learner.reward_feedback import RewardFeedbackConfig
 
 Precision = Literal["fp32", "fp16", "bf16"]
+# gdpo: SPEC section 5; dpo: Diffusion-DPO (best/worst of each group, beta = loss.omega); nft: OARS's
+# negative-aware loss; reward_feedback: RFSR (SPEC section 10).
+Objective = Literal["gdpo", "dpo", "nft", "reward_feedback"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class LearnerConfig:
-    """How one learner rank optimises the ``gdpo`` adapter."""
+    """How one learner rank optimises the ``gdpo`` adapter, and with which objective."""
 
     lr: float = 5e-5  # constant, no schedule (SPEC section 5)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -32,7 +38,10 @@ class LearnerConfig:
     push_every: int = 1  # steps between adapter pushes to the rollout workers
     checkpoint_every: int = 100  # steps between checkpoints; 0 = only when asked
     seed: int = 0  # with a group's seed and the step, fixes the loss noise e_i
-    loss: GDPOLossConfig = field(default_factory=GDPOLossConfig)
+    objective: Objective = "gdpo"
+    loss: GDPOLossConfig = field(default_factory=GDPOLossConfig)  # gdpo and dpo
+    nft: NFTLossConfig = field(default_factory=NFTLossConfig)
+    reward_feedback: RewardFeedbackConfig = field(default_factory=RewardFeedbackConfig)
 
     def __post_init__(self) -> None:
         _positive(lr=self.lr, eps=self.eps, micro_batch_groups=self.micro_batch_groups, push_every=self.push_every)
@@ -48,6 +57,14 @@ class LearnerConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.objective not in ("gdpo", "dpo", "nft", "reward_feedback"):
+            raise ValueError(f"objective must be gdpo, dpo, nft or reward_feedback, got {self.objective!r}")
+        rf = self.reward_feedback
+        if self.objective == "reward_feedback" and rf.features == "vgg16" and not rf.vgg_weights_path:
+            raise ValueError(
+                "objective=reward_feedback with features=vgg16 needs reward_feedback.vgg_weights_path "
+                "(torchvision's VGG16 ImageNet weights, never downloaded), or features=tiny_conv"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +74,13 @@ class LearnerPoolConfig:
     num_ranks: int = 1  # data-parallel world size
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank; 0 = CPU ranks (gloo), else NCCL
+    # Custom Ray resources per rank, e.g. {gdpo_learner: 1}: keeps ranks on the node group that declares it.
+    resources: dict[str, float] = field(default_factory=dict)
+    start_timeout_s: float = 600.0  # longest wait for the ranks' placement group, then for the group to form
 
     def __post_init__(self) -> None:
-        _positive(num_ranks=self.num_ranks, num_cpus=self.num_cpus)
+        validate_custom_resources(self.resources)
+        _positive(num_ranks=self.num_ranks, num_cpus=self.num_cpus, start_timeout_s=self.start_timeout_s)
         _non_negative(num_gpus=self.num_gpus)
         if 0 < self.num_gpus < 1:
             raise ValueError(f"num_gpus must be 0 or at least 1 (a rank owns whole GPUs), got {self.num_gpus}")

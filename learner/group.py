@@ -28,9 +28,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
+from common.ray_session import pool_request, wait_placement_group
 from learner.config import LearnerConfig, LearnerPoolConfig
 
-_MEAN_STATS = ("loss", "inside_mean", "policy_mse", "reference_mse")  # per-rank means over equal shards
+# Per-step keys every rank reports; every other key is the objective's per-group mean over the rank's shard.
+_RANK_STATS = ("grad_norm", "step", "num_groups", "step_applied")
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,11 @@ class LearnerGroup:
         learner_config: LearnerConfig,
         pool_config: LearnerPoolConfig,
         *,
-        ready_timeout_s: float = 600.0,
+        ready_timeout_s: float | None = None,  # None: pool_config.start_timeout_s
     ) -> None:
         """Reserve resources, start the ranks and form the process group (blocks until it is formed)."""
         self._config, self._pool = learner_config, pool_config
+        ready_timeout_s = pool_config.start_timeout_s if ready_timeout_s is None else ready_timeout_s
         self._pg: PlacementGroup | None = None
         self._ranks: list[Any] = []
         try:
@@ -188,13 +191,17 @@ def start_ranks(
     ``setup(actor, rank=, world=, addr=, port=)`` issues the actor's (blocking) join.
     The caller removes the placement group and kills the actors when done.
     """
-    bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    request = pool_request(
+        "learner", pool.num_ranks, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources
+    )
+    bundle = dict(request.per_actor)
     one_node = _fits_one_node(bundle, pool.num_ranks)
     pg = placement_group([bundle] * pool.num_ranks, strategy="STRICT_PACK" if one_node else "PACK")
     ranks: list[Any] = []
     try:
-        ray.get(pg.ready(), timeout=ready_timeout_s)
-        actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)(host_cls)
+        wait_placement_group(pg, request, ready_timeout_s)  # prints progress; a clear error on timeout
+        options = dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources))
+        actor_cls = ray.remote(**options)(host_cls)
         # CPU ranks: keep DeepSpeed off any GPU the node may have (it would pick CUDA/NCCL).
         runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if pool.num_gpus == 0 else {}
         ranks = [
@@ -253,7 +260,8 @@ def _aggregate(stats: list[dict[str, float]]) -> dict[str, float]:
     steps = {s["step"] for s in stats}
     if len(steps) != 1:
         raise RuntimeError(f"learner ranks disagree on the step counter: {sorted(steps)}")
-    out = {key: sum(s[key] for s in stats) / len(stats) for key in _MEAN_STATS}
+    means = [key for key in stats[0] if key not in _RANK_STATS]  # equal shards: the mean of means
+    out = {key: sum(s[key] for s in stats) / len(stats) for key in means}
     out.update(
         grad_norm=stats[0]["grad_norm"],  # already global: the norm of the all-reduced gradient
         step=stats[0]["step"],

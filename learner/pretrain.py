@@ -29,6 +29,8 @@ from ray.util.placement_group import remove_placement_group
 
 from common.config import from_mapping, load_mapping, save_config, to_mapping
 from common.naosd import ModelConfig
+from common.preflight import load_or_exit, require_paths
+from common.ray_session import ResourceError, add_ray_arguments, init_ray, pool_request, settings_from_args
 from common.telemetry import MetricsConfig, PretrainTelemetry
 from learner.config import LearnerPoolConfig
 from learner.group import RendezvousHost, start_ranks
@@ -55,7 +57,7 @@ class PretrainRunConfig:
 @dataclass(frozen=True, kw_only=True)
 class PretrainClusterConfig:
     learner: LearnerPoolConfig = field(default_factory=LearnerPoolConfig)
-    ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
+    ray_address: str = ""  # empty: RAY_ADDRESS (set by `ray job submit`), else a private local Ray
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +120,9 @@ def pretrain(job: PretrainJob) -> dict[str, float]:
         print(f"metrics: http://{job.metrics.host}:{port}/metrics", flush=True)
     pg, ranks = None, []
     try:
+        pool = job.cluster.learner
         pg, ranks = start_ranks(
-            _PretrainHost, job.cluster.learner, lambda r, **kw: r.setup.remote(job, **kw), ready_timeout_s=600.0
+            _PretrainHost, pool, lambda r, **kw: r.setup.remote(job, **kw), ready_timeout_s=pool.start_timeout_s
         )
         return _loop(job, out, ranks, telemetry)
     finally:
@@ -176,23 +179,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.add_argument("--config", required=True, help="shipped config (tiny_pretrain, paper_pretrain) or a file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_ray_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        job = load_pretrain_job(args.config, args.overrides)
-    except ValueError as err:
-        raise SystemExit(f"config error: {err}") from None
+    job = load_or_exit(lambda: load_pretrain_job(args.config, args.overrides))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_mapping(job), sort_keys=False))
         return 0
-    from common.ray_session import init_ray
-
+    require_paths(
+        sd_dirs={"model.sd_path": job.model.sd_path},
+        paths={"model.naosd_path": job.model.naosd_path},
+        dirs={"data.hr_dir": job.data.hr_dir, "pretrain.lpips_weights_dir": job.pretrain.lpips_weights_dir},
+    )
     pool = job.cluster.learner
-    # A private local Ray unless a cluster is named (RAY_ADDRESS, as under `ray job submit`, or cluster.ray_address).
-    init_ray(job.cluster.ray_address, local=True, num_cpus=pool.num_ranks * pool.num_cpus)
+    request = pool_request(
+        "learner", pool.num_ranks, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources
+    )
+    # A private local Ray unless a cluster is named (--address, cluster.ray_address, or RAY_ADDRESS as under
+    # `ray job submit`); the pool is checked against the cluster before any actor starts.
+    try:
+        init_ray(settings_from_args(args, job.cluster.ray_address), [request])
+    except ResourceError as err:
+        print(f"resource error: {err}", file=sys.stderr, flush=True)
+        return 3
     start = time.perf_counter()
     pretrain(job)
     print(f"done in {time.perf_counter() - start:.1f} s", flush=True)

@@ -6,8 +6,10 @@ Built by the lead with ``common.config.from_mapping(RewardConfig, mapping, where
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from common.ray_session import validate_custom_resources
 
 # The metrics of the paper (SPEC section 4); anything else triggers the "not the paper's metrics" notice.
 PAPER_FR_METRICS = ("psnr_y",)
@@ -17,16 +19,22 @@ OFFLINE_FR_METRICS = ("psnr_y",)
 OFFLINE_NR_METRICS = ("piqe", "entropy")
 
 Weighting = Literal["arf", "fixed", "fr_only", "nr_only"]
+# arf: Eq. 7 (SPEC section 4) and its ablations (weighting, fr_metrics); process_aware: OARS's reward
+# (SPEC section 10, reward_service.process_aware) with fr_metrics = [fidelity] and nr_metrics = [quality].
+RewardKind = Literal["arf", "process_aware"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """How one group of G samples is scored (SPEC section 4)."""
+    """How one group of G samples is scored (SPEC section 4, or OARS's process-aware reward)."""
 
+    kind: RewardKind = "arf"
     fr_metrics: tuple[str, ...] = PAPER_FR_METRICS  # full-reference part of Eq. 7; e.g. ("psnr_y", "lpips")
     nr_metrics: tuple[str, ...] = PAPER_NR_METRICS  # no-reference part of Eq. 7
     weighting: Weighting = "arf"  # arf: rho from the HR image; fixed: fixed_rho_s; fr_only / nr_only: ablations
     fixed_rho_s: float = 0.5  # rho_s for weighting="fixed" (rho_d = 1 - rho_s)
+    gamma: float = 7.0  # process_aware: R = F Q_lr + F^(Q_lr / gamma) (Q_sr - Q_lr)
+    quality_scale: tuple[float, float] = (1.0, 5.0)  # process_aware: each NR score range maps linearly onto this
     gray: Literal["opencv_bgr", "luma"] = "opencv_bgr"  # opencv_bgr = reference quirk (BGR weights on RGB)
     round_proportions: bool = True  # the reference rounds rho_s and rho_d to 2 decimals
     patch_size: int = 10  # pixels per patch side; right/bottom remainders form smaller patches
@@ -57,6 +65,8 @@ class RewardConfig:
             raise ValueError(f"weighting={self.weighting!r} needs at least one fr_metrics entry")
         if needs_nr and not self.nr_metrics:
             raise ValueError(f"weighting={self.weighting!r} needs at least one nr_metrics entry")
+        if self.kind == "process_aware":
+            self._check_process_aware()
         if not 0.0 <= self.fixed_rho_s <= 1.0:
             raise ValueError(f"fixed_rho_s must be in [0, 1], got {self.fixed_rho_s}")
         if self.patch_size < 1 or self.resize < 3:
@@ -73,6 +83,18 @@ class RewardConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
         if self.proportions_backend == "fused" and not self.device.startswith("cpu"):
             raise ValueError(f"proportions_backend='fused' is the CPU kernel; device is {self.device!r}")
+
+    def _check_process_aware(self) -> None:
+        if len(self.fr_metrics) != 1 or len(self.nr_metrics) != 1:
+            raise ValueError(
+                "kind='process_aware' needs exactly one fr_metrics entry (fidelity, e.g. dists) and one "
+                f"nr_metrics entry (quality, e.g. musiq); got {list(self.fr_metrics)} and {list(self.nr_metrics)}"
+            )
+        if self.weighting != "arf":
+            raise ValueError(f"weighting={self.weighting!r} is an ARF ablation; kind='process_aware' has no rho")
+        if not self.gamma > 0 or not self.quality_scale[0] < self.quality_scale[1] or self.quality_scale[1] <= 0:
+            raise ValueError(f"gamma must be > 0 and quality_scale increasing and positive, got "
+                             f"{self.gamma}, {list(self.quality_scale)}")  # fmt: skip
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -101,8 +123,11 @@ class RewardPoolConfig:
     timeout_s: float = 120.0  # per scoring call; a slower worker is killed and its batch retried
     max_retries: int = 2  # extra attempts per batch after a failure or timeout
     start_timeout_s: float = 300.0  # a worker must construct (import torch/pyiqa, load weights) within this
+    # Custom Ray resources per worker, e.g. {gdpo_reward: 1}: keeps workers on the node group that declares it.
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        validate_custom_resources(self.resources)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.num_cpus < 0 or self.num_gpus < 0:

@@ -102,7 +102,9 @@ class RewardPool:
     ) -> None:
         self.reward_config, self.pool_config = reward, pool
         self._factory = worker_factory
-        self._remote = ray.remote(RewardActor).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)
+        self._remote = ray.remote(RewardActor).options(
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources)
+        )
         self.metrics = PoolMetrics(registry)
         self._slots = {f"reward-{i}": self._start(f"reward-{i}") for i in range(pool.num_workers)}
         self._wait_started(list(self._slots))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rollout.job import ClusterConfig
+from common.ray_session import add_ray_arguments
 
-DRY_RUN_OVERRIDES = ()  # the tiny config already is the dry run
+if TYPE_CHECKING:
+    from common.ray_session import PoolRequest
+    from rollout.job import ClusterConfig, JobConfig
+
+RESOURCE_ERROR_EXIT = 3  # the cluster cannot hold the pools (config errors exit with 2)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -26,9 +30,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="run the tiny config (unless --config is given) on a local single-node Ray, on CPU",
+        help="run the tiny config (unless --config is given), on CPU; on a private local Ray unless an address "
+        "is given (--address, RAY_ADDRESS)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_ray_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -39,20 +45,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from common.config import to_mapping
-    from common.ray_session import init_ray
+    from common.preflight import load_or_exit
     from rollout.job import load_job
 
     source = args.config or ("tiny" if args.dry_run else None)
     if source is None:
         raise SystemExit("give --config tiny|paper|FILE, or --dry-run")
-    try:
-        job = load_job(source, args.overrides)
-    except ValueError as err:
-        raise SystemExit(f"config error: {err}") from None
+    job = load_or_exit(lambda: load_job(source, args.overrides))
     if args.print_config:
         print(yaml.safe_dump(to_mapping(job), sort_keys=False))
         return 0
-    init_ray(job.cluster.ray_address, local=args.dry_run, num_cpus=cpus_needed(job.cluster))
+    check_paths(job)  # before Ray: a wrong path is a one-line config error, not an actor's traceback
+    from common.ray_session import ResourceError, init_ray, settings_from_args
+
+    try:
+        init_ray(settings_from_args(args, job.cluster.ray_address), pool_requests(job.cluster))
+    except ResourceError as err:
+        print(f"resource error: {err}", file=sys.stderr, flush=True)
+        return RESOURCE_ERROR_EXIT
     from rollout.driver import train
 
     start = time.perf_counter()
@@ -62,11 +72,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cpus_needed(cluster: ClusterConfig) -> float:
-    """CPU slots the three pools reserve together."""
-    rollout, reward, learner = cluster.rollout, cluster.reward, cluster.learner
-    return (
-        rollout.num_workers * rollout.num_cpus
-        + reward.num_workers * reward.num_cpus
-        + learner.num_ranks * learner.num_cpus
+def check_paths(job: JobConfig) -> None:
+    """Every local path the job names must exist (on this node: the driver's view of shared storage)."""
+    from common.preflight import require_paths
+
+    model = job.model
+    require_paths(
+        sd_dirs={"model.sd_path": model.sd_path},
+        paths={"model.naosd_path": model.naosd_path},
+        dirs={"data.hr_dir": job.data.hr_dir, "reward.weights_dir": job.reward.weights_dir},
     )
+
+
+def pool_requests(cluster: ClusterConfig) -> list[PoolRequest]:
+    """What the three pools ask Ray for, pool by pool."""
+    from common.ray_session import pool_request
+
+    rollout, reward, learner = cluster.rollout, cluster.reward, cluster.learner
+    return [
+        pool_request("rollout", rollout.num_workers, num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus,
+                     resources=rollout.resources),
+        pool_request("reward", reward.num_workers, num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
+                     resources=reward.resources),
+        pool_request("learner", learner.num_ranks, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+                     resources=learner.resources),
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from common.config import from_mapping, load_mapping
 from common.naosd import ModelConfig
+from common.ray_session import validate_custom_resources
 from common.telemetry import MetricsConfig
 from learner.config import LearnerConfig, LearnerPoolConfig
 from reward_service.config import RewardConfig, RewardPoolConfig
@@ -24,10 +25,13 @@ class RolloutPoolConfig:
     num_cpus: float = 1.0  # per worker
     num_gpus: float = 0.0  # per worker; fractions share a GPU between workers
     max_restarts: int = 3  # replacements per worker slot before the run fails
+    # Custom Ray resources per worker, e.g. {gdpo_rollout: 1}: keeps workers on the node group that declares it.
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.num_cpus <= 0 or self.num_gpus < 0 or self.max_restarts < 0:
             raise ValueError("num_workers >= 1, num_cpus > 0, num_gpus >= 0 and max_restarts >= 0 are required")
+        validate_custom_resources(self.resources)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +41,7 @@ class ClusterConfig:
     rollout: RolloutPoolConfig = field(default_factory=RolloutPoolConfig)
     reward: RewardPoolConfig = field(default_factory=RewardPoolConfig)
     learner: LearnerPoolConfig = field(default_factory=LearnerPoolConfig)
-    ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
+    ray_address: str = ""  # empty: RAY_ADDRESS (set by `ray job submit`), else a private local Ray
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -37,7 +37,9 @@ class RolloutPool:
 
     def _spawn(self, slot: int) -> ActorHandle:
         name = f"gdpo-rollout{slot}-{self._run_token}-{self.restarts[slot]}"
-        options = dict(name=name, num_cpus=self._pool.num_cpus, num_gpus=self._pool.num_gpus, max_restarts=0)
+        pool = self._pool
+        options = dict(name=name, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources))
+        options["max_restarts"] = 0
         return self._actor.options(**options).remote(*self._args, f"rollout{slot}")
 
     def generate(self, slot: int, indices: Sequence[int], min_version: int) -> ray.ObjectRef:

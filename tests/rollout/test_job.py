@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from common.config import SHIPPED_CONFIGS
-from rollout.cli import cpus_needed
+from rollout.cli import pool_requests
 from rollout.job import JobConfig, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_overrides_and_errors_name_the_key():
         load_job("tiny", ["rollout.group_size=six"])
     with pytest.raises(ValueError, match="divide evenly"):
         load_job("tiny", ["run.groups_per_step=3", "cluster.learner.num_ranks=2"])
-    assert cpus_needed(load_job("tiny").cluster) == 3
+    assert sum(p.total["CPU"] for p in pool_requests(load_job("tiny").cluster)) == 3
 
 
 @pytest.mark.parametrize("entry", [["-m", "rollout"], ["rollout/"]])
