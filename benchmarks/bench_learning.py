@@ -124,7 +124,8 @@ def gdpo_run(args: argparse.Namespace, seed: int) -> object:
     from sr_data.source import DataConfig
 
     data = DataConfig(crop_size=64, degradation="bicubic", seed=seed)
-    rollout = RolloutWorker(ModelConfig(), RolloutConfig(group_size=group_size, seed=seed), data, f"bench{seed}")
+    rollout_config = RolloutConfig(group_size=group_size, seed=seed, sample_from=args.sample_from)
+    rollout = RolloutWorker(ModelConfig(), rollout_config, data, f"bench{seed}")
     reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
     config = LearnerConfig(lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega))
     with socket.socket() as sock:
@@ -137,6 +138,8 @@ def gdpo_run(args: argparse.Namespace, seed: int) -> object:
         batch = rollout.generate(range(step * groups_per_step, (step + 1) * groups_per_step))
         scored, _ = reward.score_batch(batch)
         stats = learner.train_step(scored)
+        if args.sample_from == "policy":  # on-policy variant (SPEC section 3): the next groups see this step
+            rollout.set_adapter(learner.adapter_weights())
         if (step + 1) % max(steps // 5, 1) == 0:
             print(f"  seed {seed} step {step + 1}/{steps}: loss {stats['loss']:.4f} "
                   f"grad {stats['grad_norm']:.3g} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
@@ -148,7 +151,8 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
     start_model = build_naosd(ModelConfig()).eval()
     rows: dict[str, list[float]] = {}
     print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
-          f"omega {args.omega}, reward {worker.metric_names} ({args.weighting}); seeds {args.seeds}")  # fmt: skip
+          f"omega {args.omega}, samples from the {args.sample_from}, reward {worker.metric_names} ({args.weighting}); "
+          f"seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
         weights = gdpo_run(args, seed)
         end_model = build_naosd(ModelConfig()).eval()
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"],
                         help="the training reward's weighting (reward.weighting); evaluation always reports ARF")
     parser.add_argument("--omega", type=float, default=5000.0)
+    parser.add_argument("--sample-from", default="reference", choices=["reference", "policy"],
+                        help="rollout.sample_from: the frozen reference (paper) or the current policy")
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
