@@ -71,6 +71,11 @@ def build_policy_unet(config: ModelConfig) -> tuple[UNet2DConditionModel, Tensor
     return unet, scheduler.alphas_cumprod.clone()
 
 
+def build_vae(config: ModelConfig) -> AutoencoderKL:
+    """The NAOSD VAE alone, frozen (the reward-feedback learner decodes through it)."""
+    return _base_vae(config).requires_grad_(False).eval()
+
+
 def build_base(config: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
                                              DDPMScheduler]:
     """The NAOSD base weights without any adapter: what pre-training starts from."""

@@ -37,12 +37,12 @@ from common.naosd import ModelConfig, lora_parameters
 from common.records import decode_rewards, decode_rollout
 from common.weights import ADAPTER_CONFIG, adapter_state_dict, build_policy_unet, save_adapter
 from learner.config import LearnerConfig
-from learner.gdpo_loss import gdpo_loss
+from learner.objectives import ObjectiveInputs, objective_loss
+from learner.reward_feedback_model import build_reward_feedback
 
 ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: safetensors + JSON (common.weights format)
 DEEPSPEED_DIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed's engine and optimizer state
 _CLIENT_KEY = "gdpo_client_state"  # our key inside DeepSpeed's client state, clear of DeepSpeed's own keys
-_MEAN_STATS = ("loss", "inside_mean", "policy_mse", "reference_mse")  # per-group means over the shard
 
 
 def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
@@ -117,6 +117,10 @@ class LearnerRank:
         self.engine = initialize(unet, optimizer, params, deepspeed_config(learner_config))
         self.engine.train()
         self.alphas_cumprod = alphas_cumprod.to(self.engine.device)  # [1000]
+        # RFSR decodes through the VAE and scores with a metric; the other objectives need only the UNet.
+        self.feedback = None
+        if learner_config.objective == "reward_feedback":
+            self.feedback = build_reward_feedback(model_config, learner_config.reward_feedback, self.engine.device)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -135,15 +139,14 @@ class LearnerRank:
         (DeepSpeed averages gradients over ranks, which equals the full-batch
         mean only when the shards are equal).
         """
-        latents, noise, text_emb, advantages = self._shard_tensors(batch)
-        n, size = advantages.shape[0], self.config.micro_batch_groups
-        sums = dict.fromkeys(_MEAN_STATS, 0.0)
+        inputs = self._shard_tensors(batch)
+        n, size = inputs.num_groups, self.config.micro_batch_groups
+        sums: dict[str, float] = {}
         for start in range(0, n, size):
-            part = slice(start, start + size)
             self.engine.set_gradient_accumulation_boundary(start + size >= n)
-            micro = self._micro_step(latents[part], noise[part], text_emb[part], advantages[part], shard_size=n)
+            micro = self._micro_step(inputs.part(slice(start, start + size)), shard_size=n)
             for key, value in micro.items():
-                sums[key] += value
+                sums[key] = sums.get(key, 0.0) + value
         grad_norm = self._step()
         return {
             **{key: value / n for key, value in sums.items()},
@@ -153,41 +156,38 @@ class LearnerRank:
             "step_applied": float(self.engine.was_step_applied()),
         }
 
-    def _shard_tensors(self, batch: pa.RecordBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """latents ``[n, G, 4, h, w]``, loss noise (same shape), text ``[n, L, D]``, advantages ``[n, G]``; CPU."""
+    def _shard_tensors(self, batch: pa.RecordBatch) -> ObjectiveInputs:
+        """latents ``[n, G, 4, h, w]``, loss noise (same shape), text ``[n, L, D]``, advantages ``[n, G]``, ...; CPU."""
         groups, rewards = decode_rollout(batch), decode_rewards(batch)
         if groups.num_groups == 0:
             raise ValueError("train_step needs at least one group")
         latents = torch.tensor(groups.latents, dtype=torch.float32)  # a copy: Arrow buffers are read-only
         noise = loss_noise(self.config.seed, groups.seed, self.step, tuple(latents.shape[1:]))
-        text_emb = torch.tensor(groups.text_emb, dtype=torch.float32)
-        return latents, noise, text_emb, torch.tensor(rewards.advantage, dtype=torch.float32)
+        return ObjectiveInputs(
+            latents=latents,
+            noise=noise,
+            text_emb=torch.tensor(groups.text_emb, dtype=torch.float32),
+            advantages=torch.tensor(rewards.advantage, dtype=torch.float32),
+            rewards=torch.tensor(rewards.reward, dtype=torch.float32),
+            lr=torch.tensor(groups.lr),
+            hr=torch.tensor(groups.hr),
+        )
 
-    def _micro_step(
-        self, latents: Tensor, noise: Tensor, text_emb: Tensor, advantages: Tensor, *, shard_size: int
-    ) -> dict[str, float]:
-        """Forward + backward of ``k`` groups (shapes as in :meth:`_shard_tensors`); returns stat sums over them."""
-        device, k = self.engine.device, advantages.shape[0]
-        out = gdpo_loss(
+    def _micro_step(self, inputs: ObjectiveInputs, *, shard_size: int) -> dict[str, float]:
+        """Forward + backward of ``k`` groups (``learner.objective``); returns stat sums over them."""
+        out = objective_loss(
             # The engine, not engine.module: DeepSpeed does its ZeRO micro-step bookkeeping in
             # engine.forward; calling the module directly made ZeRO-3 keep only the last
             # micro-batch's gradient.  The engine forwards disable_adapters() to the UNet.
             self.engine,
-            latents=latents.to(device),
-            noise=noise.to(device),
-            text_emb=text_emb.to(device),
-            advantages=advantages.to(device),
+            inputs.to(self.engine.device),
             alphas_cumprod=self.alphas_cumprod,
-            config=self.config.loss,
+            config=self.config,
+            feedback=self.feedback,
         )
         # Weighted by the micro-batch's share, the accumulated gradient is that of the shard mean.
-        self.engine.backward(out.loss * (k / shard_size))
-        return {
-            "loss": float(out.loss.detach()) * k,
-            "inside_mean": float(out.inside.sum()),
-            "policy_mse": float(out.policy_mse.mean(dim=1).sum()),
-            "reference_mse": float(out.reference_mse.mean(dim=1).sum()),
-        }
+        self.engine.backward(out.loss * (inputs.num_groups / shard_size))
+        return out.stats
 
     def _step(self) -> float:
         """``engine.step()``; returns the global gradient norm before clipping."""

@@ -20,6 +20,7 @@ from common.records import GroupRewards, append_rewards, decode_rollout, select_
 from reward_service.arf import ArfResult, score_groups
 from reward_service.config import RewardConfig
 from reward_service.metrics_iqa import Metric, build_metrics
+from reward_service.process_aware import score_process_aware
 from reward_service.proportions import check_rgb, detail_proportions
 
 
@@ -49,10 +50,15 @@ class RewardWorker:
         self._is_fr = np.array([m.full_reference for m in self.metrics])
         self._lower_better = np.array([m.lower_better for m in self.metrics])
         self._ranges = np.array([m.score_range for m in self.metrics], dtype=np.float64).reshape(-1, 2)
+        if config.kind == "process_aware" and not np.isfinite(self._ranges).all():
+            raise ValueError(f"reward.kind='process_aware' maps each metric's score range onto a fixed scale; "
+                             f"{self.metric_names[:2]} report ranges {self._ranges.tolist()}")  # fmt: skip
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.metrics)
+        """The record's metric axis: the metrics, plus the quality of the LR input for process_aware."""
+        names = tuple(m.name for m in self.metrics)
+        return (*names, f"{names[-1]}_lr") if self.config.kind == "process_aware" else names
 
     def score_batch(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, ScoreStats]:
         """Rollout batch (N rows) -> (kept rows with reward columns, stats).
@@ -63,7 +69,7 @@ class RewardWorker:
         start = time.perf_counter()
         groups = decode_rollout(batch)
         sr, hr = _readonly_tensor(groups.sr), _readonly_tensor(groups.hr)
-        result, timing = self._score(sr, hr, groups.group_id)
+        result, timing = self._score(sr, hr, groups.group_id, lr=_readonly_tensor(groups.lr))
         keep = result.keep
         seconds = time.perf_counter() - start
         rewards = _group_rewards(result, keep, self.metric_names, seconds / max(len(keep), 1))
@@ -82,17 +88,22 @@ class RewardWorker:
         )
         return out, stats
 
-    def score_images(self, sr: torch.Tensor, hr: torch.Tensor) -> ArfResult:
-        """sr [N, G, 3, H, W] float in [0, 1], hr [N, 3, H, W] (uint8 or float in [0, 1]) -> ArfResult."""
-        return self._score(sr, hr, None)[0]
+    def score_images(self, sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor | None = None) -> ArfResult:
+        """sr [N, G, 3, H, W] float in [0, 1], hr and lr [N, 3, H, W] (uint8 or float in [0, 1]) -> ArfResult.
+
+        ``lr`` (resized to the SR size) is read by ``kind='process_aware'`` only.
+        """
+        return self._score(sr, hr, None, lr=lr)[0]
 
     def _score(
-        self, sr: torch.Tensor, hr: torch.Tensor, group_ids: Sequence[str] | None
+        self, sr: torch.Tensor, hr: torch.Tensor, group_ids: Sequence[str] | None, *, lr: torch.Tensor | None
     ) -> tuple[ArfResult, tuple[float, float]]:
         check_inputs(sr, hr)
         t0 = time.perf_counter()
         raw = self._metric_scores(sr, hr)  # [N, M, G]
         t1 = time.perf_counter()
+        if self.config.kind == "process_aware":
+            return self._process_aware(raw, lr, group_ids), (t1 - t0, time.perf_counter() - t1)
         rho_s, rho_d = self._weights(hr)
         t2 = time.perf_counter()
         cfg = self.config
@@ -106,12 +117,36 @@ class RewardWorker:
             filter_mean=cfg.filter_mean if cfg.filter_groups else None,
             filter_std=cfg.filter_std if cfg.filter_groups else None,
         )
-        if cfg.nonfinite == "raise" and result.nonfinite.any():
+        self._check_finite(result, raw, group_ids)
+        return result, (t1 - t0, t2 - t1)
+
+    def _process_aware(self, raw: np.ndarray, lr: torch.Tensor | None, group_ids: Sequence[str] | None) -> ArfResult:
+        """OARS's reward from the FR (fidelity) and NR (quality) scores of the SR and the NR score of the LR."""
+        if lr is None:
+            raise ValueError("reward.kind='process_aware' scores the LR input too: pass lr [N, 3, H, W]")
+        check_rgb(lr, "LR image")
+        quality = self.metrics[1]  # config order: the one FR metric, then the one NR metric
+        lr_unit = _as_unit_float(lr).to(self.config.device)
+        q_lr = quality(lr_unit, lr_unit).detach().to("cpu", torch.float64).numpy()  # NR: the second input is unused
+        cfg = self.config
+        result = score_process_aware(
+            raw[:, 0], raw[:, 1], q_lr,
+            fr_range=self.metrics[0].score_range, fr_lower_better=self.metrics[0].lower_better,
+            nr_range=quality.score_range, nr_lower_better=quality.lower_better,
+            gamma=cfg.gamma, scale=cfg.quality_scale,
+            filter_mean=cfg.filter_mean if cfg.filter_groups else None,
+            filter_std=cfg.filter_std if cfg.filter_groups else None,
+        )  # fmt: skip
+        self._check_finite(result, result.metric_raw, group_ids)
+        return result
+
+    def _check_finite(self, result: ArfResult, raw: np.ndarray, group_ids: Sequence[str] | None) -> None:
+        """With reward.nonfinite='raise', a NaN/inf metric value is an error naming the metrics and groups."""
+        if self.config.nonfinite == "raise" and result.nonfinite.any():
             bad = np.flatnonzero(result.nonfinite)
             names = [group_ids[i] for i in bad] if group_ids is not None else bad.tolist()
             metrics = [m for j, m in enumerate(self.metric_names) if not np.isfinite(raw[bad, j]).all()]
             raise ValueError(f"metric(s) {metrics} returned NaN/inf for group(s) {names} (reward.nonfinite='raise')")
-        return result, (t1 - t0, t2 - t1)
 
     def _metric_scores(self, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
         """One call per metric over all N*G samples: -> [N, M, G] float64."""
