@@ -9,25 +9,27 @@ Sources (SPEC section 2):
   (``unet/``, ``vae/``), or a NAOSD training checkpoint (see
   :mod:`common.naosd_checkpoint`).
 
-Our adapters are a safetensors file plus a JSON config; :func:`export_merged`
-writes a merged diffusers folder.  Every loader validates before it builds or
-mutates, so a bad input raises ``ValueError`` and leaves no half-loaded model.
+Our adapters are peft + diffusers adapter folders (:mod:`common.adapter_folder`);
+:func:`export_merged` writes a merged diffusers pipeline folder.  Every loader
+validates before it builds or mutates, so a bad input raises ``ValueError``
+and leaves no half-loaded model.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import tiny
+from common.adapter_folder import OUR_METADATA, read_adapter_folder, write_adapter_folder
+from common.adapter_sync import digest
 from common.clip_vocab import clip_tokenizer
+from common.config import to_mapping
 from common.naosd import (
     ADAPTER_NAME,
     DTYPES,
@@ -38,10 +40,6 @@ from common.naosd import (
     lora_target_modules,
 )
 from common.naosd_checkpoint import apply_naosd_checkpoint, read_naosd_checkpoint
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "gdpo-sr-lora/1"
 
 
 def build_naosd(config: ModelConfig, device: str | torch.device = "cpu") -> NAOSD:
@@ -154,7 +152,7 @@ def _check_schedule(scheduler: DDPMScheduler, folder: Path) -> None:
         raise ValueError(f"{folder}/scheduler predicts {cfg['prediction_type']!r}; NAOSD needs epsilon")
 
 
-# --- our adapter: safetensors + JSON -------------------------------------------------------------
+# --- our adapter: a peft + diffusers folder ------------------------------------------------------
 
 
 def adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, Tensor]:
@@ -177,49 +175,73 @@ def load_adapter_state_dict(unet: UNet2DConditionModel, state: dict[str, Tensor]
             params[name].copy_(tensor)
 
 
-def adapter_metadata(unet: UNet2DConditionModel) -> dict:
-    peft_config = unet.peft_config[ADAPTER_NAME]
-    return {
-        "format": ADAPTER_FORMAT,
-        "rank": peft_config.r,
-        "alpha": float(peft_config.lora_alpha),
-        "target_modules": sorted(peft_config.target_modules),
-    }
+def base_model_path(config: ModelConfig) -> str | None:
+    """The folder whose ``unet/`` the adapter sits on (peft's ``base_model_name_or_path``); None if random."""
+    if config.source == "tiny_random":
+        return None
+    if config.source == "tiny":
+        return str(_tiny_folder(config))
+    return config.naosd_path if Path(config.naosd_path).is_dir() else config.sd_path
 
 
-def save_adapter(unet: UNet2DConditionModel, directory: str | Path, extra: dict | None = None) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(unet), str(directory / ADAPTER_WEIGHTS))
-    meta = {**adapter_metadata(unet), **(extra or {})}
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-    return directory
+def save_adapter(
+    unet: UNet2DConditionModel, directory: str | Path, *, model: ModelConfig | None = None, extra: dict | None = None
+) -> Path:
+    """Write the ``gdpo`` adapter as a peft + diffusers adapter folder (:mod:`common.adapter_folder`).
+
+    Our metadata records the tensors' digest (checked on load), ``model`` (the config the
+    UNet was built from, so ``learner.export`` can rebuild the base) and ``extra`` (e.g. the step).
+    """
+    state = adapter_state_dict(unet)
+    meta = {"adapter_name": ADAPTER_NAME, "model": None if model is None else to_mapping(model),
+            "digest": digest(state), **(extra or {})}  # fmt: skip
+    return write_adapter_folder(directory, state, unet.peft_config[ADAPTER_NAME],
+                                adapter=ADAPTER_NAME, base_model=model and base_model_path(model),
+                                metadata=meta)  # fmt: skip
 
 
 def load_adapter(unet: UNet2DConditionModel, directory: str | Path) -> dict:
-    """Load a saved adapter into ``unet`` in place; returns its JSON metadata."""
+    """Load a saved adapter into ``unet`` in place, after checking it fits; returns our metadata."""
     directory = Path(directory)
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (directory / name).is_file():
-            raise ValueError(f"{directory} is not a GDPO-SR adapter: {name} is missing")
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    ours = adapter_metadata(unet)
-    for key in ("format", "rank", "alpha", "target_modules"):
-        if meta.get(key) != ours[key]:
-            shown = meta.get(key) if key != "target_modules" else f"{len(meta.get(key) or [])} modules"
-            want = ours[key] if key != "target_modules" else f"{len(ours[key])} modules"
-            raise ValueError(f"adapter {directory}: {key} is {shown}, this model's adapter has {want}")
-    load_adapter_state_dict(unet, load_file(str(directory / ADAPTER_WEIGHTS)))
+    state, saved, meta = read_adapter_folder(directory, ADAPTER_NAME)
+    ours = unet.peft_config[ADAPTER_NAME]
+    checks = {
+        "r": (saved.get("r"), ours.r),
+        "lora_alpha": (saved.get("lora_alpha"), ours.lora_alpha),
+        "target_modules": (sorted(saved.get("target_modules") or []), sorted(ours.target_modules)),
+    }
+    for key, (got, want) in checks.items():
+        if got != want:
+            shown = (f"{len(got)} modules", f"{len(want)} modules") if key == "target_modules" else (got, want)
+            raise ValueError(f"adapter {directory}: {key} is {shown[0]}, this model's adapter has {shown[1]}")
+    if digest(state) != meta.get("digest"):
+        raise ValueError(f"adapter {directory}: the tensors do not match the digest in {OUR_METADATA}")
+    load_adapter_state_dict(unet, state)
     return meta
 
 
 def export_merged(model: NAOSD, directory: str | Path) -> Path:
-    """Write ``unet/`` (adapter merged in) and ``vae/``: the published GDPO-SR layout."""
+    """Write ``model`` as a diffusers pipeline folder with the ``gdpo`` adapter merged into the UNet.
+
+    ``model_index.json`` (a ``StableDiffusionPipeline``, no safety checker), ``unet/`` (merged),
+    ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``: ``model.naosd_path`` loads it
+    (``unet/``, ``vae/``), ``DiffusionPipeline.from_pretrained`` loads every component.  NAOSD's
+    one-step SR is :class:`common.naosd.NAOSD`, not the pipeline's text-to-image call.
+    """
+    from diffusers import StableDiffusionPipeline
+
     directory = Path(directory)
     unet = copy.deepcopy(model.unet)
-    unet.fuse_lora(adapter_names=[ADAPTER_NAME])
-    unet.unload_lora()
+    if ADAPTER_NAME in getattr(unet, "peft_config", {}):
+        unet.fuse_lora(adapter_names=[ADAPTER_NAME])
+        unet.unload_lora()
     assert not lora_target_modules(unet, ["lora_"]), "LoRA layers survived the merge"
-    unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
-    model.vae.save_pretrained(str(directory / "vae"), safe_serialization=True)
+    # The pipeline rewrites (in place, with a warning) a steps_offset other than 1, which SD 2.1-base has;
+    # it shifts multi-step sampling timesteps only, not NAOSD's schedule (alphas_cumprod).
+    scheduler = DDPMScheduler.from_config(model.scheduler.config, steps_offset=1)
+    pipeline = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
     return directory

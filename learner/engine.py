@@ -19,7 +19,6 @@ all groups of the batch, whatever the world size and micro-batch size.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from common.adapter_folder import read_adapter_metadata
 from common.adapter_sync import AdapterWeights, digest, pack
 from common.naosd import ModelConfig, lora_parameters
 from common.records import decode_rewards, decode_rollout
-from common.weights import ADAPTER_CONFIG, adapter_state_dict, build_policy_unet, save_adapter
+from common.weights import adapter_state_dict, build_policy_unet, save_adapter
 from learner.config import LearnerConfig
 from learner.objectives import ObjectiveInputs, objective_loss
 from learner.reward_feedback_model import build_reward_feedback
 
-ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: safetensors + JSON (common.weights format)
+ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: a peft + diffusers adapter folder (common.adapter_folder)
 DEEPSPEED_DIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed's engine and optimizer state
 _CLIENT_KEY = "gdpo_client_state"  # our key inside DeepSpeed's client state, clear of DeepSpeed's own keys
 
@@ -103,6 +103,7 @@ class LearnerRank:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.config, self.rank, self.world_size = learner_config, rank, world_size
+        self.model_config = model_config  # recorded with the saved adapter, so it can be exported alone
         init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(learner_config.seed)  # the LoRA init (DeepSpeed then broadcasts rank 0's anyway)
         unet, alphas_cumprod = build_policy_unet(model_config)
@@ -232,7 +233,7 @@ class LearnerRank:
         with self._full_adapter():  # a collective under ZeRO-3: every rank enters, rank 0 writes
             if self.rank == 0:
                 extra = {"step": self.step, "digest": digest(adapter_state_dict(self.unet))}
-                save_adapter(self.unet, directory / ADAPTER_DIR, extra=extra)
+                save_adapter(self.unet, directory / ADAPTER_DIR, model=self.model_config, extra=extra)
         self.engine.save_checkpoint(
             str(directory / DEEPSPEED_DIR),
             tag=f"step{self.step:08d}",
@@ -244,9 +245,10 @@ class LearnerRank:
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Resume from :meth:`save_checkpoint`: adapter, optimizer state and step; returns the client state."""
         directory = Path(directory)
-        meta_path = directory / ADAPTER_DIR / ADAPTER_CONFIG
-        if not meta_path.is_file():
-            raise ValueError(f"{directory} is not a learner checkpoint: {meta_path} is missing")
+        try:
+            meta = read_adapter_metadata(directory / ADAPTER_DIR)
+        except ValueError as err:
+            raise ValueError(f"{directory} is not a learner checkpoint: {err}") from None
         path, states = self.engine.load_checkpoint(
             str(directory / DEEPSPEED_DIR),
             load_module_strict=False,  # the frozen base was excluded on save
@@ -255,7 +257,6 @@ class LearnerRank:
         )
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
-        meta = json.loads(meta_path.read_text())
         weights = self.adapter_weights()
         # A non-strict load would skip a LoRA tensor silently; the adapter digest catches that.
         if meta.get("step") != self.step or meta.get("digest") != weights.digest:
