@@ -2,32 +2,70 @@
 
 Workers report what they did in their typed results (record-batch columns,
 step stats); the driver turns those into these metrics in its own registry,
-so one scrape of ``127.0.0.1:<port>/metrics`` shows every stage, whatever the
-number of Ray workers or where they run.
+so one scrape of ``<host>:<port>/metrics`` shows every stage, whatever the
+number of Ray workers or where they run.  The same step records go to a
+TensorBoard log (:mod:`common.experiment_log`) in the run's output folder.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from common.experiment_log import ExperimentLog
 
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
-    enabled: bool = True
-    host: str = "127.0.0.1"  # loopback by default: expose deliberately
+    enabled: bool = True  # the Prometheus endpoint
+    host: str = "127.0.0.1"  # loopback by default: expose deliberately (cluster configs bind 0.0.0.0)
     port: int = 9464  # 0 = pick a free port
+    final_scrape_s: float = 0.0  # keep the endpoint up this long after the run, for a last scrape
+    tensorboard: bool = True  # TensorBoard scalars in <output_dir>/tensorboard
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if not 0 <= self.final_scrape_s <= 3600:
+            raise ValueError(f"final_scrape_s must be in [0, 3600] seconds, got {self.final_scrape_s}")
+
+
+# StepRecord.scalars key -> gauge name and help
+STEP_GAUGES = {
+    "loss": ("gdpo_loss", "GDPO loss of the last step"),
+    "reward_mean": ("gdpo_reward_mean", "Mean ARF reward of the last step's groups"),
+    "reward_std": ("gdpo_reward_std", "Mean within-group reward std of the last step"),
+    "advantage_abs_mean": ("gdpo_advantage_abs_mean", "Mean |advantage| of the last step"),
+    "grad_norm": ("gdpo_grad_norm", "Global gradient norm of the last step, before clipping"),
+    "learner_wait_fraction": ("gdpo_learner_wait_ratio", "Share of this process's wall time the learner waited"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """What one optimizer step adds to the metrics and the experiment log."""
+
+    step: int
+    groups: int  # groups trained on
+    samples: int  # SR samples trained on (groups x G)
+    zero_variance_groups: int  # trained groups whose G rewards were all equal (no learning signal)
+    step_seconds: float
+    wait_seconds: float  # learner idle before this step
+    scalars: Mapping[str, float]  # loss, reward_mean, ... (see :data:`STEP_GAUGES`)
+    reward_metrics: Mapping[str, float]  # mean raw value of each reward metric
 
 
 class Telemetry:
-    """The run's metrics; names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``)."""
+    """The run's metrics; names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``, ``_ratio``).
+
+    Rates are left to Prometheus: throughput is ``rate(gdpo_samples_total[5m])``, not a gauge.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -35,7 +73,13 @@ class Telemetry:
         self.groups_scored = Counter("gdpo_groups_scored_total", "Groups scored by the reward pool", registry=r)
         self.groups_consumed = Counter("gdpo_groups_consumed_total", "Groups the learner trained on", registry=r)
         self.groups_dropped = Counter("gdpo_groups_dropped_total", "Groups not trained on", ["reason"], registry=r)
-        self.worker_restarts = Counter("gdpo_worker_restarts_total", "Workers replaced", ["pool"], registry=r)
+        self.groups_zero_variance = Counter(
+            "gdpo_groups_zero_variance_total", "Groups trained on whose G rewards were all equal", registry=r
+        )
+        self.samples = Counter("gdpo_samples_total", "SR samples trained on", registry=r)
+        self.rollout_restarts = Counter(
+            "gdpo_rollout_worker_restarts_total", "Rollout workers replaced", ["worker"], registry=r
+        )  # the reward pool counts its own: gdpo_reward_worker_restarts_total (reward_service.metrics)
         self.rollout_seconds = Histogram(
             "gdpo_rollout_seconds", "Sampling time per group", buckets=_SECONDS, registry=r
         )
@@ -54,42 +98,73 @@ class Telemetry:
             buckets=(0, 1, 2, 4, 8),
             registry=r,
         )
-        self.queue_depth = Gauge("gdpo_queue_depth", "Batches in flight per stage", ["stage"], registry=r)
-        self.step = Gauge("gdpo_learner_step", "Optimizer steps taken", registry=r)
-        self.loss = Gauge("gdpo_loss", "GDPO loss of the last step", registry=r)
-        self.reward_mean = Gauge("gdpo_reward_mean", "Mean ARF reward of the last step's groups", registry=r)
-        self.reward_std = Gauge("gdpo_reward_std", "Mean within-group reward std of the last step", registry=r)
-        self.advantage_abs = Gauge("gdpo_advantage_abs_mean", "Mean |advantage| of the last step", registry=r)
-        self.wait_fraction = Gauge("gdpo_learner_wait_fraction", "Share of wall time the learner waited", registry=r)
-        self.samples_per_second = Gauge("gdpo_samples_per_second", "SR samples trained on per second", registry=r)
-
+        # Rollout calls in flight and scored groups waiting for the learner; the reward pool's queue is
+        # gdpo_reward_pending_batches + gdpo_reward_queue_depth (reward_service.metrics).
+        self.queue_depth = Gauge("gdpo_queue_depth", "Work in flight per stage", ["stage"], registry=r)
+        self.step = Gauge("gdpo_learner_step", "Optimizer steps taken (restored on resume)", registry=r)
+        self.gauges = {key: Gauge(name, text, registry=r) for key, (name, text) in STEP_GAUGES.items()}
+        self.reward_metric = Gauge(
+            "gdpo_reward_metric", "Mean raw value of each reward metric over the last step's samples", ["metric"],
+            registry=r,
+        )  # fmt: skip
         self._endpoint = Endpoint(r)
+        self._log: ExperimentLog | None = None
 
-    def serve(self, config: MetricsConfig) -> int:
+    def serve(self, config: MetricsConfig, tensorboard_dir: str | Path | None = None) -> int:
+        """Start the endpoint (returns its port, 0 when disabled) and, if configured, the TensorBoard log."""
+        if config.tensorboard and tensorboard_dir is not None:
+            self._log = ExperimentLog(tensorboard_dir)
         return self._endpoint.serve(config)
 
+    def resumed(self, step: int) -> None:
+        """A run resumed at ``step``: the step gauge says so before the first new step."""
+        self.step.set(step)
+
+    def record_step(self, record: StepRecord) -> None:
+        self.step.set(record.step)
+        self.groups_consumed.inc(record.groups)
+        self.samples.inc(record.samples)
+        self.groups_zero_variance.inc(record.zero_variance_groups)
+        self.step_seconds.observe(record.step_seconds)
+        self.wait_seconds.observe(record.wait_seconds)
+        for key, gauge in self.gauges.items():
+            gauge.set(record.scalars[key])
+        for name, value in record.reward_metrics.items():
+            self.reward_metric.labels(metric=name).set(value)
+        if self._log is not None:
+            self._log.write(record)
+
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         self._endpoint.close()
 
 
 class Endpoint:
-    """The HTTP endpoint of one registry."""
+    """The HTTP endpoint of one registry; it stays up ``final_scrape_s`` after the run for a last scrape."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry, self._server = registry, None
+        self.registry, self._server, self._config = registry, None, MetricsConfig()
 
     def serve(self, config: MetricsConfig) -> int:
         """Start serving; returns the bound port (0 when disabled)."""
         if not config.enabled:
             return 0
+        self._config = config
         self._server, _ = start_http_server(config.port, addr=config.host, registry=self.registry)
         return self._server.server_address[1]
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._server is None:
+            return
+        if grace := self._config.final_scrape_s:
+            port = self._server.server_address[1]
+            print(f"metrics: serving the final values on port {port} for {grace:g} s more", flush=True)
+            time.sleep(grace)
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
 
 
 class PretrainTelemetry:

@@ -40,7 +40,7 @@ from common.records import (
     decode_rollout,
     select_rows,
 )
-from common.telemetry import Telemetry
+from common.telemetry import StepRecord, Telemetry
 from common.tiny import model_notice
 from learner.group import LearnerGroup
 from reward_service.pool import RewardPool
@@ -64,7 +64,7 @@ def train(job: JobConfig) -> dict[str, float]:
     if notice := model_notice(job.model.source):
         print(notice, flush=True)
     telemetry = Telemetry()
-    port = telemetry.serve(job.metrics)
+    port = telemetry.serve(job.metrics, tensorboard_dir=out / "tensorboard")
     if port:
         print(f"metrics: http://{job.metrics.host}:{port}/metrics", flush=True)
     pools: list = []
@@ -90,6 +90,7 @@ def _train_loop(
         state = learner.load_checkpoint(out / CHECKPOINT_DIR)
         step, position = state["step"], DataPosition(**state["data"])
         print(f"resumed at step {step}, data index {position.next_index}", flush=True)
+        telemetry.resumed(step)
     pipeline = _Pipeline(job, rollout, reward, telemetry, position)
     pipeline.push(learner.adapter_weights(step))
     summary: dict[str, float] = {}
@@ -114,10 +115,6 @@ def _train_loop(
             step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
         )  # fmt: skip
         summary["rollout_restarts"] = float(sum(rollout.restarts))
-        versions = groups.policy_version
-        if (versions != REFERENCE_POLICY_VERSION).all():  # policy mode: how old were the samples trained on
-            summary["staleness_max"] = float(step - 1 - versions.min())
-            summary["policy_version_min"] = float(versions.min())
         if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
             first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
         else:
@@ -208,7 +205,6 @@ class _Pipeline:
         self._on_scores(learner_version)
         t = self.telemetry
         t.queue_depth.labels(stage="rollout").set(len(self.calls))
-        t.queue_depth.labels(stage="reward").set(self.reward.num_pending)
         t.queue_depth.labels(stage="ready").set(self._ready_groups())
 
     def _issue(self, learner_version: int) -> None:
@@ -281,7 +277,7 @@ class _Pipeline:
             return  # this slot was already given a fresh worker
         print(f"rollout{slot} failed ({type(err).__name__}); replacing it", flush=True)
         self.rollout.replace(slot, self.weights)
-        self.telemetry.worker_restarts.labels(pool="rollout").inc()
+        self.telemetry.rollout_restarts.labels(worker=f"rollout{slot}").inc()
 
     def _ready_groups(self) -> int:
         return sum(b.num_rows for b in self.ready)
@@ -322,16 +318,19 @@ def _record(
         "samples_per_second": samples / elapsed,
         "learner_wait_fraction": waited / elapsed,
     }
-    telemetry.groups_consumed.inc(groups.num_groups)
-    telemetry.step.set(step)
-    telemetry.step_seconds.observe(step_seconds)
-    telemetry.wait_seconds.observe(wait)
-    telemetry.loss.set(summary["loss"])
-    telemetry.reward_mean.set(summary["reward_mean"])
-    telemetry.reward_std.set(summary["reward_std"])
-    telemetry.advantage_abs.set(summary["advantage_abs_mean"])
-    telemetry.samples_per_second.set(summary["samples_per_second"])
-    telemetry.wait_fraction.set(summary["learner_wait_fraction"])
+    versions = groups.policy_version
+    if (versions != REFERENCE_POLICY_VERSION).all():  # policy mode: how old were the samples trained on
+        summary["staleness_max"] = float(step - 1 - versions.min())
+        summary["policy_version_min"] = float(versions.min())
+    metric_means = rewards.metric_raw.mean(axis=(0, 2))  # [N, M, G] -> one mean per metric
+    telemetry.record_step(
+        StepRecord(
+            step=step, groups=groups.num_groups, samples=groups.num_groups * groups.group_size,
+            zero_variance_groups=int((np.ptp(rewards.reward, axis=1) == 0).sum()),
+            step_seconds=step_seconds, wait_seconds=wait, scalars=summary,
+            reward_metrics={n: float(v) for n, v in zip(rewards.metric_names, metric_means, strict=True)},
+        )
+    )  # fmt: skip
     return summary
 
 

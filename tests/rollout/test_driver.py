@@ -81,10 +81,17 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
         "gdpo_weight_push_bytes_total",
         "gdpo_loss",
         "gdpo_reward_mean",
-        "gdpo_learner_wait_fraction",
+        "gdpo_learner_wait_ratio",
+        "gdpo_grad_norm",
+        'gdpo_reward_metric{metric="psnr_y"}',
+        'gdpo_reward_metric{metric="piqe"}',
     ):
         assert name in last, name
     assert last["gdpo_weight_push_bytes_total"] > 0 and last["gdpo_groups_consumed_total"] == 6
+    # a counter Prometheus can rate(): 2 groups of G = 4 per step
+    assert [s["gdpo_samples_total"] for s in scrapes] == [8.0, 16.0, 24.0]
+    assert "gdpo_samples_per_second" not in last and "gdpo_learner_wait_fraction" not in last
+    assert sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard log"
     generated = {k: v for k, v in last.items() if k.startswith("gdpo_groups_generated_total{")}
     assert len(generated) == 2, "both rollout workers produced groups"
     assert any(k.startswith('gdpo_queue_depth{stage="rollout"}') for k in last)
@@ -92,11 +99,20 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
         _scrape(port)
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
     straight = train(_job(tmp_path / "a", "run.steps=3", *common))
     train(_job(tmp_path / "b", "run.steps=2", *common))
+    resumed_at: list[float] = []  # the step gauge when the resumed run's first step starts
+    take = driver._Pipeline.take
+
+    def take_and_read_gauge(self, count, *, learner_version):
+        resumed_at.append(self.telemetry.registry.get_sample_value("gdpo_learner_step"))
+        return take(self, count, learner_version=learner_version)
+
+    monkeypatch.setattr(driver._Pipeline, "take", take_and_read_gauge)
     resumed = train(_job(tmp_path / "b", "run.steps=3", "run.resume=true", *common))
+    assert resumed_at == [2.0], "the step gauge read 0 after the resume"
     assert straight["step"] == resumed["step"] == 3
     a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
     assert a.keys() == b.keys()
