@@ -98,9 +98,13 @@ class RewardWorker:
     def _score(
         self, sr: torch.Tensor, hr: torch.Tensor, group_ids: Sequence[str] | None, *, lr: torch.Tensor | None
     ) -> tuple[ArfResult, tuple[float, float]]:
+        sr, finite = _zero_nonfinite_groups(sr)
         check_inputs(sr, hr)
         t0 = time.perf_counter()
         raw = self._metric_scores(sr, hr)  # [N, M, G]
+        # A group with a NaN/inf sample has no score: its values are NaN, so it is dropped and counted
+        # as non-finite (or raised, with reward.nonfinite='raise') like a metric's NaN.
+        raw[~finite] = np.nan
         t1 = time.perf_counter()
         if self.config.kind == "process_aware":
             return self._process_aware(raw, lr, group_ids), (t1 - t0, time.perf_counter() - t1)
@@ -146,7 +150,10 @@ class RewardWorker:
             bad = np.flatnonzero(result.nonfinite)
             names = [group_ids[i] for i in bad] if group_ids is not None else bad.tolist()
             metrics = [m for j, m in enumerate(self.metric_names) if not np.isfinite(raw[bad, j]).all()]
-            raise ValueError(f"metric(s) {metrics} returned NaN/inf for group(s) {names} (reward.nonfinite='raise')")
+            raise ValueError(
+                f"NaN/inf SR samples or metric(s) {metrics} returned NaN/inf for group(s) {names} "
+                "(reward.nonfinite='raise')"
+            )
 
     def _metric_scores(self, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
         """One call per metric over all N*G samples: -> [N, M, G] float64."""
@@ -191,6 +198,20 @@ def check_inputs(sr: torch.Tensor, hr: torch.Tensor) -> None:
         raise ValueError(f"{sr.shape[0]} groups of SR samples but {hr.shape[0]} HR images")
     if hr.shape[2:] != sr.shape[3:]:
         raise ValueError(f"HR size {tuple(hr.shape[2:])} differs from SR size {tuple(sr.shape[3:])}")
+
+
+def _zero_nonfinite_groups(sr: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """(``sr`` with every group that holds a NaN/inf value zeroed, [N] bool: the group was finite).
+
+    The zeroed copy keeps the metrics' inputs valid; the caller discards those groups' scores.
+    Anything that is not an [N, G, ...] float tensor passes unchanged: :func:`check_inputs` rejects it.
+    """
+    if not isinstance(sr, torch.Tensor) or sr.ndim != 5 or not sr.is_floating_point():
+        return sr, np.ones(0, dtype=bool)
+    finite = torch.isfinite(sr.reshape(sr.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return sr, finite.numpy()
+    return torch.where(finite[:, None, None, None, None], sr, torch.zeros((), dtype=sr.dtype)), finite.numpy()
 
 
 def _readonly_tensor(array: np.ndarray) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from common.records import decode_rewards, decode_rollout, is_scored
+from common.records import decode_rewards, decode_rollout, encode_rollout, is_scored, select_rows
 from reward_service.config import RewardConfig
 from reward_service.metrics_iqa import MetricFn
 from reward_service.proportions import detail_proportions
@@ -96,6 +97,25 @@ def test_nonfinite_group_is_dropped_and_counted(rollout_batch: Batch) -> None:
     )
     with pytest.raises(ValueError, match=ids[1]):
         raising.score_batch(batch)
+
+
+def test_nonfinite_sr_samples_drop_their_group(rollout_batch: Batch) -> None:
+    """One NaN pixel, one inf pixel: those two groups are dropped and counted; the rest score as if alone."""
+    groups = make_rollout_groups(n=4, g=3, seed=2)
+    sr = groups.sr.copy()
+    sr[1, 2, 0, 5, 7] = np.nan
+    sr[2, 0, 1, 0, 0] = np.inf
+    worker = RewardWorker(RewardConfig(fr_metrics=("fr",), nr_metrics=("nr",)), toy_metrics())
+    out, stats = worker.score_batch(encode_rollout(dataclasses.replace(groups, sr=sr)))
+    ids = groups.group_id
+    assert stats.nonfinite_groups == 2 and stats.dropped_group_ids == (ids[1], ids[2])
+    assert decode_rollout(out).group_id == (ids[0], ids[3])
+    alone, _ = worker.score_batch(select_rows(encode_rollout(groups), np.array([True, False, False, True])))
+    np.testing.assert_array_equal(decode_rewards(out).reward, decode_rewards(alone).reward)
+
+    raising = RewardWorker(RewardConfig(fr_metrics=("fr",), nr_metrics=("nr",), nonfinite="raise"), toy_metrics())
+    with pytest.raises(ValueError, match=f"NaN/inf SR samples.*{ids[1]}"):
+        raising.score_batch(encode_rollout(dataclasses.replace(groups, sr=sr)))
 
 
 def test_every_group_dropped_gives_an_empty_scored_batch(rollout_batch: Batch) -> None:
