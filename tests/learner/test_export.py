@@ -135,3 +135,20 @@ def test_bad_inputs_are_refused_with_a_message(tmp_path):
         main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "new"), "learner.lr=1"])
     with pytest.raises(SystemExit, match="unknown config key"):
         main(["--checkpoint", str(tmp_path / "merged"), "--out", str(tmp_path / "new"), "model.nope=1"])
+
+
+def test_a_learner_checkpoint_exports_what_the_learner_trained(free_port, scored_batch, lr, tmp_path):
+    from common.adapter_sync import apply_to
+    from learner.config import LearnerConfig
+    from learner.engine import LearnerRank
+
+    rank = LearnerRank(ModelConfig(), LearnerConfig(lr=1e-2), 0, 1, "127.0.0.1", free_port)
+    rank.train_step(scored_batch(seed=1))
+    rank.save_checkpoint(tmp_path / "ckpt", {})  # the directory layout is the engine's; the adapter is in it
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    trained = build_naosd(ModelConfig())
+    untrained = _sample(trained, lr)
+    apply_to(trained.unet, rank.adapter_weights())  # our own forward with the learner's adapter
+    assert float((_sample(trained, lr) - untrained).abs().max()) > 1e-3  # one step at lr 1e-2 moved it
+    merged = build_naosd(ModelConfig(naosd_path=str(tmp_path / "merged")))
+    torch.testing.assert_close(_sample(merged, lr), _sample(trained, lr), atol=1e-5, rtol=0)
