@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -82,3 +83,23 @@ def test_save_config_round_trips(tmp_path):
     cfg = from_mapping(Outer, {"name": "x", "tags": ["a"]})
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert from_mapping(Outer, load_mapping(path)) == cfg
+
+
+@pytest.mark.parametrize("raw", [".inf", "-.inf", ".nan", "inf", "nan", "-Infinity"])
+def test_non_finite_numbers_are_rejected_naming_the_key(tmp_path, raw):
+    (tmp_path / "c.yaml").write_text("outer:\n  name: x\n")
+    data = load_mapping(tmp_path / "c.yaml", [f"outer.inner.lr={raw}"])
+    with pytest.raises(ValueError, match=r"outer\.inner\.lr: must be a finite number"):
+        from_mapping(Outer, data["outer"], where="outer")
+    with pytest.raises(ValueError, match=r"inner\.betas\[1\]: must be a finite number"):
+        from_mapping(Outer, {"name": "x", "inner": {"betas": [0.9, float(raw.replace(".", ""))]}})
+
+
+def test_every_shipped_job_rejects_a_non_finite_float_anywhere():
+    """Each float key of the real job configs (learner, reward, ...), not only the toy classes above."""
+    from rollout.job import load_job
+
+    keys = ("learner.loss.omega", "learner.lr", "cluster.reward.timeout_s", "model.lora_alpha", "reward.filter_std")
+    for key in keys:
+        with pytest.raises(ValueError, match=f"{re.escape(key)}: must be a finite number"):
+            load_job("tiny", [f"{key}=.nan"])
