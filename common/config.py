@@ -30,7 +30,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 T = TypeVar("T")
 
-SHIPPED_CONFIGS = ("tiny", "paper", "tiny_pretrain", "paper_pretrain")
+SHIPPED_CONFIGS = (
+    "tiny", "paper", "tiny_pretrain", "paper_pretrain",
+    "dpo", "oars", "rfsr", "tiny_dpo", "tiny_oars", "tiny_rfsr",  # sibling methods (SPEC section 10)
+)  # fmt: skip
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:

@@ -87,6 +87,8 @@ PYIQA_METRICS: dict[str, PyiqaSpec] = {
     "musiq": PyiqaSpec("musiq", checkpoint="musiq_koniq_ckpt-e95806b9.pth"),  # KonIQ
     "maniqa": PyiqaSpec("maniqa", checkpoint="ckpt_koniq10k.pt", checkpoint_has_backbone=True),  # KonIQ
     "lpips": PyiqaSpec("lpips", checkpoint="LPIPS_v0.1_alex-df73285e.pth", backbone="alexnet-owt-7be5be79.pth"),
+    # OARS's fidelity (SPEC section 10): DISTS on torchvision's ImageNet VGG16.
+    "dists": PyiqaSpec("dists", checkpoint="DISTS_weights-f5e65c96.pth", backbone="vgg16-397923af.pth"),
     # No weights at all: the offline stand-ins of the tiny config.
     "piqe": PyiqaSpec("piqe"),
     "entropy": PyiqaSpec("entropy", forward=pyiqa_entropy),
