@@ -83,8 +83,7 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "PA"
     if mode in _ALPHA_MODES:
-        alpha = np.asarray(img.getchannel("A"))
-        if alpha.min() < 255:
+        if has_transparent_pixels(img):
             raise ImageError(f"{mode} image has transparent pixels; the colour under them is undefined")
         return img.convert("RGB"), f"opaque {mode} image: alpha dropped"
     if mode in _GREY_MODES:
@@ -92,6 +91,18 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     if mode == "P":
         return img.convert("RGB"), "palette image converted to RGB"
     raise ImageError(f"unsupported image mode {mode!r} (need 8-bit RGB, greyscale or palette)")
+
+
+def has_transparent_pixels(img: Image.Image) -> bool:
+    """Whether any pixel is less than fully opaque: an alpha channel, or a palette / colour-key transparency.
+
+    Decodes the image.  The one check behind both the inference loader and the training data.
+    """
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")  # PIL applies the palette's or the colour key's transparency
+    if img.mode not in _ALPHA_MODES and img.mode not in ("RGBa", "La"):
+        return False
+    return bool(np.asarray(img.getchannel("A")).min() < 255)
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
@@ -112,7 +123,7 @@ def quantize_8bit(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255.0).round() / 255.0
 
 
-# --- training data: any readable image becomes RGB (16-bit and alpha included) ---------------
+# --- training data: any readable image becomes RGB (16-bit; alpha as sr_data.scan allows) ----
 
 
 def rgb_array(im: Image.Image) -> np.ndarray:

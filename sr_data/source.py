@@ -26,36 +26,41 @@ sample** (an int): after ``batch(start, count)`` it is ``start + count``, and a
 resumed run that restarts from it with the same config and files sees exactly
 the pairs it would have seen.
 
-Unreadable files.  Indexing a folder opens every candidate's header (cheap:
-a few KB per file) and skips what PIL cannot identify, e.g. a text file named
-``.png``.  Damage past the header (a truncated JPEG) only shows when pixels are
-decoded, so by default (``index_check='header'``) it is found at read time: the
-file is then recorded as skipped and the draw moves on to the next image of the
-same epoch permutation.  That replacement is still deterministic (it depends
-only on which files are broken, not on what was sampled before), but
-:attr:`PairSource.skipped` grows as damage is met.  ``index_check='decode'``
+Skipped files (:mod:`sr_data.scan` has the checks, the reasons and the
+bytes-safe file ids).  Indexing a folder opens every candidate's header (cheap:
+a few KB per file) and skips what PIL cannot identify (e.g. a text file named
+``.png``) and what is too small.  Damage past the header (a truncated JPEG) and
+transparent pixels only show when pixels are decoded, so by default
+(``index_check='header'``) they are found at read time: the file is then
+recorded as skipped and the draw moves on to the next image of the same epoch
+permutation.  That replacement is still deterministic (it depends only on which
+files are unusable, not on what was sampled before), but
+:attr:`PairSource.skipped` grows as they are met.  ``index_check='decode'``
 decodes every image while indexing instead (exact counts up front; slow for a
 large folder).  If PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` has been set
 by some other library, truncated files decode with grey fill and are not caught.
 
-Small images.  Images whose shorter side is below ``min_side`` are skipped
-(reason recorded).  Images between ``min_side`` and ``crop_size`` are upscaled
-(PIL bicubic) so their shorter side equals ``crop_size`` before cropping, and
-counted in :attr:`PairSource.upscaled`; their HR is then softer than a true HR
-crop.  Set ``min_side = crop_size`` to skip them instead.
+Small images.  Images whose shorter side is below ``min_side`` (default 64) are
+skipped, and so are those below ``crop_size`` unless ``upscale_small`` is on:
+then they are upscaled (PIL bicubic) so their shorter side equals
+``crop_size`` before cropping, and counted in :attr:`PairSource.upscaled`;
+their HR is softer than a true HR crop.
+
+Transparency.  An image with any non-opaque pixel is skipped
+(``skip_transparent``, default on): the colour under a transparent pixel is
+undefined.  With it off the alpha is dropped and the hidden colours trained on.
 
 The embedded default set (``hr_dir = ""``) is the training photographs that
 ship inside the scikit-image wheel and load without a download (pyiqa ships no
 example images), see :data:`EMBEDDED_IMAGES`; the held-out photographs of
 :data:`sr_data.embedded_images.EMBEDDED_HELDOUT` are never part of it.  It is
 a smoke-test set: ten images, two of them smaller than 512 on their short side
-(upscaled at the default crop size).  Train on a real folder (the paper: LSDIR).
+(skipped at the default crop size unless ``upscale_small`` is on).  Train on a real folder (the paper: LSDIR).
 """
 
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,10 +69,25 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sr_data.degradation import DegradationConfig
-from sr_data.embedded_images import EMBEDDED_IMAGES, EMBEDDED_ROOT, _embedded_where, _load_embedded
+from sr_data.embedded_images import (
+    EMBEDDED_IMAGES,  # noqa: F401 (re-exported: the embedded default set)
+    EMBEDDED_ROOT,
+    _embedded_where,
+    _load_embedded,
+)
 from sr_data.images import fit_crop, rgb_array
 from sr_data.lr_synthesis import bicubic_degrade, realesrgan_degrade
 from sr_data.prompts import CaptionFile, EmptyPrompt, PromptSource
+from sr_data.scan import (
+    DataSummary,
+    Entry,
+    NoUsableImages,
+    SkippedFile,
+    check_pixels,
+    describe_skips,
+    scan_embedded,
+    scan_folder,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -91,7 +111,9 @@ class DataConfig:
     captions_strict: bool = False  # an image without caption: ValueError instead of "" (checked at start)
     seed: int = 0  # seeds the per-epoch permutation and the per-index crop/flip/degradation draws
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # file suffixes indexed, case-insensitive
-    min_side: int = 0  # images with a shorter side below this are skipped; others below crop_size upscaled
+    min_side: int = 64  # images with a shorter side below this are skipped, whatever the options
+    upscale_small: bool = False  # images between min_side and crop_size: upscaled to crop_size, else skipped
+    skip_transparent: bool = True  # images with any non-opaque pixel: skipped, else the alpha is dropped
     index_check: Literal["header", "decode"] = "header"  # what indexing reads of each file (module doc)
 
     def __post_init__(self) -> None:
@@ -107,8 +129,8 @@ class DataConfig:
             )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.min_side < 0:
-            raise ValueError(f"min_side must be >= 0, got {self.min_side}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1 (pixels), got {self.min_side}")
         if not self.extensions:
             raise ValueError("extensions must list at least one file suffix, e.g. ['.png', '.jpg']")
         bad = [e for e in self.extensions if not isinstance(e, str) or not e.startswith(".") or len(e) < 2]
@@ -141,21 +163,16 @@ class TrainingPair:
         assert self.lr.dtype == np.uint8 and self.lr.shape == self.hr.shape, (self.lr.shape, self.hr.shape)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    image_id: str
-    ref: str  # a file path, or the key of EMBEDDED_IMAGES
-    embedded: bool
-
-
 class PairSource:
     """Deterministic source of :class:`TrainingPair` s; picklable, holds no open files.
 
-    ``skipped`` maps each rejected file (path, or ``skimage.data.<name>()``) to the
-    reason; ``upscaled`` maps the ids of images smaller than ``crop_size`` to
-    their original ``(height, width)``.  ``prompt_source`` replaces the one
-    ``config.prompt`` selects (e.g. a RAM tagger, see :mod:`sr_data.prompts`); it
-    must be picklable to travel to a worker.  ``degradation_config`` (a
+    ``skipped`` maps each rejected file's id (path relative to ``hr_dir``, or
+    ``skimage.data.<name>()``) to a :class:`sr_data.scan.SkippedFile` (reason and
+    detail), in the order met; ``upscaled`` maps the ids of images smaller than
+    ``crop_size`` to their original ``(height, width)``; :meth:`summary` counts
+    both.  ``prompt_source`` replaces the one ``config.prompt`` selects (e.g. a
+    RAM tagger, see :mod:`sr_data.prompts`); it must be picklable to travel to a
+    worker.  ``degradation_config`` (a
     ``sr_data.degradation.DegradationConfig``, only with ``degradation='realesrgan'``)
     replaces the default GDPO parameter set; its ``scale`` must equal ``config.scale``.
     """
@@ -168,28 +185,32 @@ class PairSource:
         degradation_config: DegradationConfig | None = None,
     ) -> None:
         self.config = config
-        self.skipped: dict[str, str] = {}
-        self.upscaled: dict[str, tuple[int, int]] = {}
         self._bad: set[int] = set()  # entries that failed to decode at read time
         self._cache: dict[str, np.ndarray] = {}  # embedded images only (a few MB); not pickled
         self._perm: tuple[int, np.ndarray] | None = None
         if config.hr_dir:
-            self.root = str(Path(config.hr_dir).expanduser())
-            entries = self._index_folder(Path(self.root))
-            if not entries:
-                raise ValueError(
-                    f"data.hr_dir {self.root} holds no usable image (searched recursively for "
-                    f"{', '.join(config.extensions)}; {len(self.skipped)} file(s) skipped){_skip_summary(self.skipped)}"
+            root = Path(config.hr_dir).expanduser()
+            if not root.exists():
+                raise ValueError(f"data.hr_dir {root} does not exist")
+            if not root.is_dir():
+                raise ValueError(f"data.hr_dir {root} is not a directory")
+            self._scan = scan_folder(root, config)
+            if not self._scan.entries:
+                raise NoUsableImages(
+                    f"data.hr_dir {self._scan.root} holds no usable image (searched recursively for "
+                    f"{', '.join(config.extensions)}; {len(self.skipped)} file(s) skipped)"
+                    f"{describe_skips(self.skipped.values())}"
                 )
         else:
-            self.root = EMBEDDED_ROOT
-            entries = self._index_embedded()
-            if not entries:
-                raise ValueError(
-                    "none of the embedded scikit-image photos could be loaded; set data.hr_dir to a folder "
-                    f"of HR images{_skip_summary(self.skipped)}"
+            self._scan, arrays = scan_embedded(config, EMBEDDED_ROOT)
+            self._cache = {k: _read_only(fit_crop(a, config.crop_size)) for k, a in arrays.items()}
+            if not self._scan.entries:
+                raise NoUsableImages(
+                    "none of the embedded scikit-image photos could be used; set data.hr_dir to a folder "
+                    f"of HR images{describe_skips(self.skipped.values())}"
                 )
-        self._entries: tuple[_Entry, ...] = tuple(entries)
+        self.root = self._scan.root
+        self._entries: tuple[Entry, ...] = tuple(self._scan.entries)
         self.prompt_source: PromptSource = prompt_source if prompt_source is not None else self._make_prompt_source()
         self.degradation_config = None
         if config.degradation == "realesrgan":  # fail at start-up, not at the first sample
@@ -214,13 +235,25 @@ class PairSource:
         """Ids of the indexed images, in index order (before any read-time skip)."""
         return tuple(e.image_id for e in self._entries)
 
-    def summary(self) -> str:
-        """One line for the logs: where the images come from and what was skipped or upscaled."""
-        return (
-            f"{len(self)} HR images from {self.root} ({len(self.skipped)} skipped, {len(self.upscaled)} upscaled "
-            f"to crop_size={self.config.crop_size}), degradation={self.config.degradation}, "
-            f"prompt={self.config.prompt}"
-        )
+    @property
+    def skipped(self) -> dict[str, SkippedFile]:
+        return self._scan.skipped
+
+    @property
+    def upscaled(self) -> dict[str, tuple[int, int]]:
+        return self._scan.upscaled
+
+    def summary(self) -> DataSummary:
+        """What indexing and reading have found so far (``str()`` of it is one log line)."""
+        scan = self._scan
+        return DataSummary(
+            root=scan.root, found=scan.found, usable=len(self) - len(self._bad), skipped=tuple(scan.skipped.values()),
+            upscaled=len(scan.upscaled), escaped_names=scan.escaped_names, index_check=self.config.index_check,
+        )  # fmt: skip
+
+    def probe(self) -> None:
+        """Decode images until one is usable: raises :class:`NoUsableImages` now, not at the first sample."""
+        self._pick(0)
 
     def sample(self, index: int) -> TrainingPair:
         """The training pair for data index ``index`` (>= 0): same config and files, same pair."""
@@ -260,59 +293,6 @@ class PairSource:
         state["_perm"] = None
         return state
 
-    # --- indexing --------------------------------------------------------------------------------
-
-    def _index_folder(self, root: Path) -> list[_Entry]:
-        if not root.exists():
-            raise ValueError(f"data.hr_dir {root} does not exist")
-        if not root.is_dir():
-            raise ValueError(f"data.hr_dir {root} is not a directory")
-        suffixes = {e.lower() for e in self.config.extensions}
-
-        def on_error(err: OSError) -> None:
-            self.skipped[str(err.filename)] = f"cannot list directory: {err.strerror or err}"
-
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
-            dirnames.sort()
-            paths.extend(Path(dirpath, n) for n in filenames if os.path.splitext(n)[1].lower() in suffixes)
-        paths.sort(key=lambda p: p.relative_to(root).as_posix())
-        entries = []
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    if self.config.index_check == "decode":
-                        im.load()
-                    height, width = im.height, im.width
-            except Exception as err:  # PIL raises many types for a damaged file; never crash indexing
-                self.skipped[str(path)] = _reason(err)
-                continue
-            image_id = path.relative_to(root).as_posix()
-            if self._size_ok(str(path), image_id, height, width):
-                entries.append(_Entry(image_id, str(path), embedded=False))
-        return entries
-
-    def _index_embedded(self) -> list[_Entry]:
-        entries = []
-        for image_id in EMBEDDED_IMAGES:
-            try:
-                array = _load_embedded(image_id)
-            except Exception as err:  # e.g. a future scikit-image that needs pooch for this file
-                self.skipped[_embedded_where(image_id)] = _reason(err)
-                continue
-            if self._size_ok(_embedded_where(image_id), image_id, *array.shape[:2]):
-                self._cache[image_id] = _read_only(fit_crop(array, self.config.crop_size))
-                entries.append(_Entry(image_id, image_id, embedded=True))
-        return entries
-
-    def _size_ok(self, where: str, image_id: str, height: int, width: int) -> bool:
-        if min(height, width) < max(self.config.min_side, 1):
-            self.skipped[where] = f"smaller than min_side={self.config.min_side}: {width}x{height}"
-            return False
-        if min(height, width) < self.config.crop_size:
-            self.upscaled[image_id] = (height, width)
-        return True
-
     # --- reading ---------------------------------------------------------------------------------
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -321,7 +301,7 @@ class PairSource:
             self._perm = (epoch, rng.permutation(len(self._entries)))
         return self._perm[1]
 
-    def _pick(self, index: int) -> tuple[_Entry, np.ndarray]:
+    def _pick(self, index: int) -> tuple[Entry, np.ndarray]:
         """The entry at ``index`` in its epoch's permutation, or the next readable one after it."""
         n = len(self._entries)
         epoch, pos = divmod(index, n)
@@ -333,21 +313,22 @@ class PairSource:
             entry = self._entries[slot]
             try:
                 return entry, self._read(entry)
-            except Exception as err:  # damaged past the header: skip it from now on, draw the next one
+            except Exception as err:  # damaged past the header, transparent: skip it from now on, draw the next
                 self._bad.add(slot)
-                self.skipped[_embedded_where(entry.ref) if entry.embedded else entry.ref] = _reason(err)
-        raise ValueError(
-            f"no readable image left in {self.root}: all {n} indexed images failed to decode"
-            f"{_skip_summary(self.skipped)}"
+                self._scan.skip(_embedded_where(entry.ref) if entry.embedded else entry.image_id, err)
+        raise NoUsableImages(
+            f"no readable image left in {self.root}: all {n} indexed images failed to decode or were unusable"
+            f"{describe_skips(self.skipped.values())}"
         )
 
-    def _read(self, entry: _Entry) -> np.ndarray:
+    def _read(self, entry: Entry) -> np.ndarray:
         """``[H, W, 3]`` uint8 RGB with a shorter side of at least ``crop_size``."""
         if entry.embedded:
             if entry.ref not in self._cache:
                 self._cache[entry.ref] = _read_only(fit_crop(_load_embedded(entry.ref), self.config.crop_size))
             return self._cache[entry.ref]
         with Image.open(entry.ref) as im:
+            check_pixels(self.config, im)
             array = rgb_array(ImageOps.exif_transpose(im))
         return fit_crop(array, self.config.crop_size)
 
@@ -378,18 +359,6 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     array = np.array(array, dtype=np.uint8)  # own copy: skimage may hand out a shared buffer
     array.setflags(write=False)
     return array
-
-
-def _reason(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
-def _skip_summary(skipped: dict[str, str], limit: int = 5) -> str:
-    if not skipped:
-        return ""
-    lines = [f"\n  {path}: {why}" for path, why in list(skipped.items())[:limit]]
-    more = f"\n  ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return "".join(lines) + more
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

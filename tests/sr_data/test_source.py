@@ -49,7 +49,9 @@ def test_embedded_set_loads_offline(embedded: PairSource) -> None:
     assert set(embedded.image_ids) == set(EMBEDDED_IMAGES)
     assert not set(embedded.image_ids) & set(EMBEDDED_HELDOUT)  # the held-out photos are never trained on
     assert embedded.upscaled == {}  # every embedded photo is larger than 64
-    assert "10 HR images" in embedded.summary()
+    summary = embedded.summary()
+    assert (summary.found, summary.usable, summary.skipped, summary.upscaled) == (10, 10, (), 0)
+    assert str(summary).startswith("data: 10 image file(s) found in <embedded scikit-image photos>: 10 usable")
 
 
 def test_grey_photos_become_three_equal_channels_and_held_out_ones_stay_out_of_training() -> None:
@@ -60,16 +62,22 @@ def test_grey_photos_become_three_equal_channels_and_held_out_ones_stay_out_of_t
         load_heldout("astronaut")
 
 
-def test_embedded_small_photos_are_upscaled_at_512() -> None:
-    source = PairSource(DataConfig())
-    assert set(source.upscaled) == {"chelsea", "rocket"}
+def test_embedded_small_photos_are_skipped_at_512_unless_upscaling_is_allowed() -> None:
+    strict = PairSource(DataConfig())
+    assert {k: v.reason for k, v in strict.skipped.items()} == {
+        "skimage.data.chelsea()": "too_small",
+        "skimage.data.rocket()": "too_small",
+    }
+    assert "451x300" in strict.skipped["skimage.data.chelsea()"].detail and strict.upscaled == {}
+    source = PairSource(DataConfig(upscale_small=True))
+    assert set(source.upscaled) == {"chelsea", "rocket"} and source.skipped == {}
     assert source.upscaled["chelsea"] == (300, 451)
     pair = source.sample(0)
     assert pair.hr.shape == pair.lr.shape == (3, 512, 512)
 
 
 def test_embedded_photo_that_fails_to_load_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sr_data import source as data
+    from sr_data import scan as data
 
     real = data._load_embedded
 
@@ -81,7 +89,7 @@ def test_embedded_photo_that_fails_to_load_is_skipped(monkeypatch: pytest.Monkey
     monkeypatch.setattr(data, "_load_embedded", flaky)
     source = PairSource(DataConfig(crop_size=CROP))
     assert len(source) == len(EMBEDDED_IMAGES) - 1 and "retina" not in source.image_ids
-    assert "pooch" in source.skipped["skimage.data.retina()"]
+    assert "pooch" in source.skipped["skimage.data.retina()"].detail
     monkeypatch.setattr(data, "_load_embedded", lambda image_id: flaky("retina"))
     with pytest.raises(ValueError, match="hr_dir"):
         PairSource(DataConfig(crop_size=CROP))
@@ -231,12 +239,12 @@ def test_folder_skips_unreadable_files_and_counts_them(tmp_path: Path) -> None:
     root = _damaged_folder(tmp_path / "hr")
     source = PairSource(DataConfig(hr_dir=str(root), crop_size=CROP))
     # header check at indexing: the text file is out, the truncated JPEG is found when decoded
-    assert set(source.skipped) == {str(root / "notes.png")}
+    assert set(source.skipped) == {"notes.png"} and source.skipped["notes.png"].reason == "unreadable"
     assert len(source) == 4
     ids = {source.sample(i).image_id for i in range(3 * len(source))}
     assert ids == {"a.png", "sub/b.jpg", "sub/deeper/c.webp"}
-    assert set(source.skipped) == {str(root / "notes.png"), str(root / "broken.jpg")}
-    assert "truncated" in source.skipped[str(root / "broken.jpg")]
+    assert set(source.skipped) == {"notes.png", "broken.jpg"}
+    assert source.skipped["broken.jpg"].reason == "unreadable" and "truncated" in source.skipped["broken.jpg"].detail
     # the replacement draw is deterministic: a fresh source gives the same pairs
     fresh = PairSource(DataConfig(hr_dir=str(root), crop_size=CROP))
     for i in range(8):
@@ -247,7 +255,7 @@ def test_folder_decode_check_finds_truncation_up_front(tmp_path: Path) -> None:
     root = _damaged_folder(tmp_path / "hr")
     source = PairSource(DataConfig(hr_dir=str(root), crop_size=CROP, index_check="decode"))
     assert len(source) == 3
-    assert set(source.skipped) == {str(root / "notes.png"), str(root / "broken.jpg")}
+    assert set(source.skipped) == {"notes.png", "broken.jpg"}
     assert source.image_ids == ("a.png", "sub/b.jpg", "sub/deeper/c.webp")
 
 
@@ -291,15 +299,17 @@ def test_small_images_are_upscaled_or_skipped(tmp_path: Path) -> None:
     _save(tmp_path / "big.png", _photo(96, 96, seed=5))
     _save(tmp_path / "small.png", _photo(40, 50, seed=6))
     _save(tmp_path / "tiny.png", _photo(8, 8, seed=7))
-    source = PairSource(DataConfig(hr_dir=str(tmp_path), crop_size=CROP, min_side=16))
+    source = PairSource(DataConfig(hr_dir=str(tmp_path), crop_size=CROP, min_side=16, upscale_small=True))
     assert source.upscaled == {"small.png": (40, 50)}
-    assert list(source.skipped) == [str(tmp_path / "tiny.png")]
-    assert "min_side" in source.skipped[str(tmp_path / "tiny.png")]
+    assert list(source.skipped) == ["tiny.png"] and source.skipped["tiny.png"].reason == "too_small"
+    assert "min_side=16" in source.skipped["tiny.png"].detail
     pairs = [source.sample(i) for i in range(2)]
     assert {p.image_id for p in pairs} == {"big.png", "small.png"}
     assert all(p.hr.shape == (3, CROP, CROP) for p in pairs)
-    strict = PairSource(DataConfig(hr_dir=str(tmp_path), crop_size=CROP, min_side=CROP))
+    strict = PairSource(DataConfig(hr_dir=str(tmp_path), crop_size=CROP, min_side=16))  # no upscaling
     assert strict.image_ids == ("big.png",) and strict.upscaled == {}
+    assert {k: v.reason for k, v in strict.skipped.items()} == {"small.png": "too_small", "tiny.png": "too_small"}
+    assert "crop_size=64" in strict.skipped["small.png"].detail
 
 
 def test_extensions_are_configurable(tmp_path: Path) -> None:
@@ -321,6 +331,7 @@ def test_config_from_mapping_and_validation() -> None:
         ({"scale": 1}, "scale"),
         ({"seed": -1}, "seed"),
         ({"min_side": -2}, "min_side"),
+        ({"min_side": 0}, "min_side"),
         ({"extensions": ["png"]}, "dot"),
         ({"extensions": []}, "at least one"),
         ({"prompt": "captions"}, "captions_file"),
