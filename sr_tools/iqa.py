@@ -34,7 +34,6 @@ import torch
 from pyiqa.default_model_configs import DEFAULT_CONFIGS
 from torch import Tensor
 
-PAPER_METRICS = ("psnr", "ssim", "lpips", "dists", "fid", "maniqa", "musiq", "clipiqa")
 FOLDER_METRICS = frozenset({"fid"})  # scored between two folders, not per image
 Y_CHANNEL = {"test_y_channel": True, "color_space": "ycbcr"}  # SPEC sections 4 and 7
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"psnr": Y_CHANNEL, "ssim": Y_CHANNEL}

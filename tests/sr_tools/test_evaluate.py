@@ -17,15 +17,15 @@ from skimage import data
 
 from sr_data.images import list_images
 from sr_tools import iqa
-from sr_tools.evaluate import (
+from sr_tools.evaluate import main
+from sr_tools.pipeline import parse_model_spec
+from sr_tools.scoring import (
     FolderResult,
     ResultWriter,
     evaluate_pairs,
     jsonable,
-    main,
     match_pairs,
 )
-from sr_tools.infer import parse_model_spec
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ from skimage import data
 
 from common.tiny import model_notice
 from sr_data.images import list_images, load_rgb
-from sr_tools.infer import (
+from sr_tools.infer import main
+from sr_tools.pipeline import (
     InferConfig,
     ModelSpec,
     adain_color_fix,
     gaussian_tile_weights,
     load_model,
-    main,
     run_inference,
     super_resolve,
     tile_starts,
