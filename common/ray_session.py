@@ -70,7 +70,7 @@ class RaySettings:
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default="",
-        help="join this Ray cluster (e.g. ray://head:10001 or head:6379); default: RAY_ADDRESS, else a private "
+        help="join this Ray cluster (its GCS address, e.g. head:6379); default: RAY_ADDRESS, else a private "
              "local Ray (never a running one found by discovery)",
     )  # fmt: skip
     parser.add_argument(
