@@ -75,8 +75,13 @@ def write_adapter_folder(
     adapter: str,
     base_model: str | None,
     metadata: dict[str, Any],
+    diffusers_unet: bool = True,
 ) -> Path:
-    """Write ``state`` (our names, adapter ``adapter``, LoRA ``config``) as the three-file folder above."""
+    """Write ``state`` (our names, adapter ``adapter``, LoRA ``config``) as the folder above.
+
+    ``diffusers_unet=False`` (an adapter of another module, e.g. the VAE encoder) leaves out
+    diffusers' pipeline file, which holds UNet and text-encoder LoRAs only.
+    """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin  # diffusers' pipeline-format writer
 
     directory = Path(directory)
@@ -86,12 +91,13 @@ def write_adapter_folder(
     config.save_pretrained(str(directory))  # peft's own writer: adapter_config.json with peft_type
     plain = to_peft_names(state, adapter)
     save_file({PEFT_PREFIX + k: v for k, v in plain.items()}, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        str(directory),
-        unet_lora_layers=plain,
-        unet_lora_adapter_metadata=lora_config_dict(config),
-        weight_name=DIFFUSERS_WEIGHTS,
-    )
+    if diffusers_unet:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(directory),
+            unet_lora_layers=plain,
+            unet_lora_adapter_metadata=lora_config_dict(config),
+            weight_name=DIFFUSERS_WEIGHTS,
+        )
     (directory / OUR_METADATA).write_text(json.dumps({"format": ADAPTER_FORMAT, **metadata}, indent=2))
     return directory
 

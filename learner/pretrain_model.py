@@ -21,7 +21,6 @@ parameters that train are always exactly :meth:`PretrainNAOSD.trainable_groups`.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from common.adapter_folder import write_adapter_folder
+from common.adapter_sync import digest
 from common.naosd import NAOSD, UNET_LORA_PATTERNS, ModelConfig, lora_target_modules
 from common.weights import build_base
 from learner.pretrain_loss import (
@@ -193,23 +193,21 @@ class PretrainNAOSD(nn.Module):
     def export(self, directory: str | Path) -> Path:
         """Write ``unet/`` and ``vae/`` (LoRA merged): a folder ``model.naosd_path`` loads directly.
 
-        In LoRA mode the NAOSD adapters are also written as safetensors + JSON
-        under ``adapters/``; the fake score network is not part of the model.
+        In LoRA mode the NAOSD adapters are also written as peft adapter folders
+        (:mod:`common.adapter_folder`) in ``adapters/unet`` and ``adapters/vae_encoder``;
+        the fake score network is not part of the model.
         """
         directory = Path(directory)
         unet, vae = copy.deepcopy(self.naosd.unet), copy.deepcopy(self.naosd.vae)
         if not self.config.train_base:
             adapters = directory / "adapters"
             adapters.mkdir(parents=True, exist_ok=True)
-            for name, module, rank in (("unet", unet, self.config.unet_lora_rank),
-                                       ("vae_encoder", vae, self.config.vae_lora_rank)):  # fmt: skip
+            for name, module in (("unet", unet), ("vae_encoder", vae)):
                 state = {n: p.detach().float().cpu().contiguous() for n, p in module.named_parameters()
                          if f".{NAOSD_ADAPTER}." in n}  # fmt: skip
-                save_file(state, str(adapters / f"{name}_lora.safetensors"))
-                targets = sorted(module.peft_config[NAOSD_ADAPTER].target_modules)
-                meta = {"adapter": NAOSD_ADAPTER, "rank": rank, "alpha": self.config.lora_alpha,
-                        "target_modules": targets}  # fmt: skip
-                (adapters / f"{name}_lora.json").write_text(json.dumps(meta, indent=2))
+                write_adapter_folder(adapters / name, state, module.peft_config[NAOSD_ADAPTER], adapter=NAOSD_ADAPTER,
+                                     base_model=None, metadata={"adapter_name": NAOSD_ADAPTER, "digest": digest(state)},
+                                     diffusers_unet=name == "unet")  # fmt: skip
             if self.vsd:
                 unet.delete_adapters(FAKE_ADAPTER)
             for module in (unet, vae):

@@ -91,6 +91,26 @@ def test_pretrained_base_is_rebuilt_from_the_recorded_config_or_an_override(lr, 
         torch.testing.assert_close(_sample(loaded, lr), _sample(model, lr), atol=1e-5, rtol=0)
 
 
+def _check_pretraining_adapters_load_in_peft(pretrained, sd: Path, adapters: Path, lr: torch.Tensor) -> None:
+    """peft reads the pre-training LoRA folders: its UNet and VAE encoder give the LoRA model's outputs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import PeftModel
+
+    from learner.pretrain_model import NAOSD_ADAPTER
+
+    naosd = pretrained.naosd
+    naosd.unet.set_adapter(NAOSD_ADAPTER)
+    z, emb = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 77, 32)
+    unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(sd / "unet"), str(adapters / "unet"))
+    vae = PeftModel.from_pretrained(AutoencoderKL.from_pretrained(sd / "vae"), str(adapters / "vae_encoder"))
+    with torch.no_grad():
+        torch.testing.assert_close(unet(z, 100, encoder_hidden_states=emb).sample,
+                                   naosd.unet(z, 100, encoder_hidden_states=emb).sample, atol=1e-6, rtol=0)  # fmt: skip
+        torch.testing.assert_close(vae.encode(lr).latent_dist.mean, naosd.vae.encode(lr).latent_dist.mean,
+                                   atol=1e-6, rtol=0)  # fmt: skip
+    assert not (adapters / "vae_encoder" / "pytorch_lora_weights.safetensors").exists()  # UNet/text LoRA only
+
+
 @pytest.mark.parametrize("mode", ["lora", "from_scratch"])
 def test_pretraining_export_becomes_a_pipeline_folder(lr, tmp_path, mode):
     from learner.pretrain_loss import PretrainLossConfig
@@ -111,6 +131,8 @@ def test_pretraining_export_becomes_a_pipeline_folder(lr, tmp_path, mode):
         for p in randomise:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     naosd = pretrained.export(tmp_path / "naosd")  # unet/ vae/ (adapters/): what learner.pretrain writes
+    if mode == "lora":
+        _check_pretraining_adapters_load_in_peft(pretrained, sd, naosd / "adapters", lr)
     main(["--checkpoint", str(naosd), "--out", str(tmp_path / "merged"), *overrides])
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == PIPELINE_PARTS
     as_config = {"source": base.source if mode == "lora" else "tiny", "sd_path": base.sd_path}
@@ -144,8 +166,8 @@ def test_a_learner_checkpoint_exports_what_the_learner_trained(free_port, scored
 
     rank = LearnerRank(ModelConfig(), LearnerConfig(lr=1e-2), 0, 1, "127.0.0.1", free_port)
     rank.train_step(scored_batch(seed=1))
-    rank.save_checkpoint(tmp_path / "ckpt", {})  # the directory layout is the engine's; the adapter is in it
-    main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    ckpt = rank.save_checkpoint(tmp_path / "ckpt", {})  # the layout is the engine's: the folder holding adapter/
+    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "merged")])
     trained = build_naosd(ModelConfig())
     untrained = _sample(trained, lr)
     apply_to(trained.unet, rank.adapter_weights())  # our own forward with the learner's adapter
