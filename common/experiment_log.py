@@ -7,6 +7,7 @@ event file), and TensorBoard shows the steps in order.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,11 @@ class ExperimentLog:
         if "staleness_max" in s:  # policy mode only
             scalars["staleness/max_versions"] = s["staleness_max"]
         scalars.update({f"reward/{name}": value for name, value in record.reward_metrics.items()})
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Scalars outside the step record (e.g. ``validation/...``), tagged as given."""
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, value, global_step=step)
 

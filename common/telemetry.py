@@ -134,6 +134,11 @@ class Telemetry:
         if self._log is not None:
             self._log.write(record)
 
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """TensorBoard scalars beside the step records (the validation's); nothing when TensorBoard is off."""
+        if self._log is not None:
+            self._log.write_scalars(step, scalars)
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()

@@ -14,6 +14,7 @@ from common.ray_session import add_ray_arguments
 if TYPE_CHECKING:
     from common.ray_session import PoolRequest
     from rollout.job import ClusterConfig, JobConfig
+    from rollout.validation import ValidationConfig
 
 RESOURCE_ERROR_EXIT = 3  # the cluster cannot hold the pools (config errors exit with 2)
 
@@ -59,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.ray_session import ResourceError, init_ray, settings_from_args
 
     try:
-        init_ray(settings_from_args(args, job.cluster.ray_address), pool_requests(job.cluster))
+        validation = job.validation if job.run.validate_every else None  # the validation actor's CPU too
+        init_ray(settings_from_args(args, job.cluster.ray_address), pool_requests(job.cluster, validation))
     except ResourceError as err:
         print(f"resource error: {err}", file=sys.stderr, flush=True)
         return RESOURCE_ERROR_EXIT
@@ -84,8 +86,8 @@ def check_paths(job: JobConfig) -> None:
     )
 
 
-def pool_requests(cluster: ClusterConfig) -> list[PoolRequest]:
-    """What the three pools ask Ray for, pool by pool."""
+def pool_requests(cluster: ClusterConfig, validation: ValidationConfig | None = None) -> list[PoolRequest]:
+    """What the three pools (and the validation actor, when on) ask Ray for, pool by pool."""
     from common.ray_session import pool_request
 
     rollout, reward, learner = cluster.rollout, cluster.reward, cluster.learner
@@ -96,4 +98,5 @@ def pool_requests(cluster: ClusterConfig) -> list[PoolRequest]:
                      resources=reward.resources),
         pool_request("learner", learner.num_ranks, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
                      resources=learner.resources),
-    ]  # fmt: skip
+    ] + ([pool_request("validation", 1, num_cpus=validation.num_cpus, num_gpus=validation.num_gpus, resources={})]
+         if validation else [])  # fmt: skip

@@ -15,6 +15,7 @@ from common.ray_session import validate_custom_resources
 from common.telemetry import MetricsConfig
 from learner.config import LearnerConfig, LearnerPoolConfig
 from reward_service.config import RewardConfig, RewardPoolConfig
+from rollout.validation import ValidationConfig
 from rollout.worker import RolloutConfig
 from sr_data.source import DataConfig
 
@@ -51,11 +52,14 @@ class RunConfig:
     output_dir: str = "runs/dry-run"
     resume: bool = True  # continue from output_dir/checkpoint when it exists
     log_every: int = 1
+    validate_every: int = 0  # held-out validation and reward-hacking alarm every N steps; 0 = off
     sample_grid: bool = True  # write LR | samples with rewards | HR at the end
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.groups_per_step < 1 or self.log_every < 1:
             raise ValueError("steps >= 0, groups_per_step >= 1 and log_every >= 1 are required")
+        if self.validate_every < 0:
+            raise ValueError(f"validate_every must be >= 0 (0 = off), got {self.validate_every}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +72,7 @@ class JobConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # used when run.validate_every > 0
 
     def __post_init__(self) -> None:
         ranks = self.cluster.learner.num_ranks
