@@ -29,77 +29,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kornia
 import numpy as np
 import torch
 
 from common.adapter_sync import apply_to
 from common.naosd import NAOSD, ModelConfig
 from common.weights import build_naosd
-from reward_service.arf import arf_reward, range_normalise
 from reward_service.config import RewardConfig
 from reward_service.worker import RewardWorker
-from sr_data.embedded_images import EMBEDDED_HELDOUT, load_heldout
-from sr_data.lr_synthesis import bicubic_degrade
-from sr_tools.iqa import create_metric
-
-
-def heldout_crops(count: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` fixed crops alternating over the held-out photos: HR and bicubic LR, uint8 ``[N, 3, s, s]``."""
-    rng = np.random.default_rng(seed)
-    photos = [load_heldout(name) for name in sorted(EMBEDDED_HELDOUT)]
-    hr, lr = [], []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-        crop = np.ascontiguousarray(photo[y : y + size, x : x + size].transpose(2, 0, 1))
-        hr.append(crop)
-        lr.append(bicubic_degrade(crop, 4))
-    return torch.from_numpy(np.stack(hr)), torch.from_numpy(np.stack(lr))
-
-
-@torch.no_grad()
-def sample(model: NAOSD, lr: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
-    """``[N, S, 3, H, W]`` in [0, 1]; crop i's noise depends on (seed, i) only, so two models see the same noise."""
-    emb = model.encode_prompts([""])
-    out = []
-    for i, image in enumerate(lr):
-        generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        x = image.float().div(127.5).sub(1).unsqueeze(0)
-        out.append(model.sample_group(x, emb, group_size=samples, generator=generator)[0].add(1).div(2))
-    return torch.stack(out)
-
-
-def sharpness(images: torch.Tensor, hr: torch.Tensor) -> float:
-    """Mean Sobel gradient magnitude of ``images`` over that of the HR (1 = as sharp as the HR)."""
-    grad = lambda x: kornia.filters.sobel(kornia.color.rgb_to_grayscale(x)).mean()  # noqa: E731
-    return float(grad(images) / grad(hr))
-
-
-def image_metrics(images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
-    """PSNR-Y, SSIM-Y, sharpness of ``images [N, S, 3, H, W]`` (or ``[N, 3, H, W]``) against ``hr [N, 3, H, W]``."""
-    flat = images.reshape(-1, *images.shape[-3:]).float().clamp(0, 1)
-    reps = flat.shape[0] // hr.shape[0]
-    ref = hr.float().div(255).repeat_interleave(reps, dim=0)
-    psnr, ssim = create_metric("psnr"), create_metric("ssim")
-    return {
-        "psnr_y": float(psnr.model(flat, ref).mean()),
-        "ssim_y": float(ssim.model(flat, ref).mean()),
-        "sharpness": sharpness(flat, ref),
-    }
-
-
-def reward_metrics(worker: RewardWorker, images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
-    """The reward's metrics (raw means) and the absolute ARF reward of ``images [N, S, 3, H, W]``."""
-    result = worker.score_images(images, hr)
-    is_fr = np.array([m.full_reference for m in worker.metrics])
-    lower = np.array([m.lower_better for m in worker.metrics])
-    ranges = np.array([m.score_range for m in worker.metrics], np.float64).reshape(-1, 2)
-    absolute = arf_reward(range_normalise(result.metric_raw, ranges, lower), is_fr, result.rho_s, result.rho_d)
-    out = {"reward": float(absolute.mean())}
-    for j, name in enumerate(worker.metric_names):
-        out[name] = float(result.metric_raw[:, j].mean())
-    return out
+from sr_data.embedded_images import EMBEDDED_HELDOUT
+from sr_tools.heldout import heldout_crops, image_metrics, reward_metrics
+from sr_tools.heldout import sample_fixed_noise as sample  # crop i's noise depends on (seed, i) only
 
 
 @torch.no_grad()

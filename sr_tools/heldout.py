@@ -51,14 +51,14 @@ def heldout_crops(
     """``count`` fixed crops alternating over the photos: HR ``[N, 3, s, s]`` and x4 bicubic LR, uint8."""
     if size % SCALE:
         raise ValueError(f"held-out crop size must be a multiple of {SCALE}, got {size}")
-    photos = [p for p in heldout_photos(folder) if min(p.shape[:2]) >= size]
+    photos = [p for p in heldout_photos(folder) if min(p.shape[:2]) > size]
     if not photos:
-        raise ValueError(f"no held-out photo{' in ' + str(folder) if folder else ''} has both sides >= {size} px")
+        raise ValueError(f"no held-out photo{' in ' + str(folder) if folder else ''} has both sides > {size} px")
     rng = np.random.default_rng(seed)
     hr, lr = [], []
     for i in range(count):
         photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - size + 1), rng.integers(0, photo.shape[1] - size + 1)
+        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)  # the benchmark's draw
         crop = np.ascontiguousarray(photo[y : y + size, x : x + size].transpose(2, 0, 1))
         hr.append(crop)
         lr.append(bicubic_degrade(crop, SCALE))
