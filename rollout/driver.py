@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
 from common.config import save_config
@@ -69,7 +69,7 @@ def train(job: JobConfig) -> dict[str, float]:
         print(f"metrics: http://{job.metrics.host}:{port}/metrics", flush=True)
     pools: list = []
     try:
-        rollout = RolloutPool(job.model, job.rollout, job.data, job.cluster.rollout)
+        rollout = RolloutPool(job.model, job.rollout, job.data, job.cluster.rollout, registry=telemetry.registry)
         pools.append(rollout)
         reward = RewardPool(job.reward, job.cluster.reward, registry=telemetry.registry)  # its metrics served too
         pools.append(reward)
@@ -226,10 +226,12 @@ class _Pipeline:
     def _on_rollout(self, ref: ray.ObjectRef) -> None:
         slot, generation, indices = self.calls.pop(ref)
         try:
-            batch = ray.get(ref)
-        except (RayActorError, RayTaskError) as err:
-            # A dead worker, or (policy mode) one whose weights are too old: a fresh worker with the
-            # latest adapter takes the slot (unless that already happened) and the groups go out again.
+            batch = self.rollout.collect(slot, ref)
+        except RayActorError as err:
+            # A dead worker: a fresh one with the latest adapter takes the slot (unless that already
+            # happened) and the groups go out again.  A task error (RayTaskError) is no death: the
+            # worker already skips bad files, so what reaches here is systematic (no usable image, a
+            # bug, stale weights from a config that never pushes in time); it fails the run at once.
             self._replace(slot, generation, err)
             self.reissue.extendleft(reversed(indices))
             return
@@ -275,7 +277,7 @@ class _Pipeline:
     def _replace(self, slot: int, generation: int, err: BaseException) -> None:
         if generation != self.rollout.restarts[slot]:
             return  # this slot was already given a fresh worker
-        print(f"rollout{slot} failed ({type(err).__name__}); replacing it", flush=True)
+        print(f"rollout{slot} died ({type(err).__name__}); replacing it", flush=True)
         self.rollout.replace(slot, self.weights)
         self.telemetry.rollout_restarts.labels(worker=f"rollout{slot}").inc()
 

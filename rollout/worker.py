@@ -4,6 +4,14 @@ A plain class, made a Ray actor where the driver creates it.  It samples from
 the frozen reference (the UNet with the ``gdpo`` adapter off) by default, or
 from the current policy; either way it keeps the latest adapter the learner
 pushed, applied in place, and stamps every group with the version it used.
+
+Bad data is not a worker failure.  A file found unusable while sampling
+(truncated, transparent, ...) is skipped by the data source, which draws the
+next image instead; the actor pool's call (:meth:`RolloutWorker.generate_reported`)
+reports each such file once, so the driver can count and log it.  Only data
+that holds nothing usable at all raises (:class:`sr_data.scan.NoUsableImages`,
+already in :meth:`RolloutWorker.ready`): that is systematic, and a fresh worker
+would meet it again.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from common.naosd import ModelConfig, adapter_disabled
 from common.records import REFERENCE_POLICY_VERSION, RolloutGroups, encode_rollout
 from common.tiny import model_notice
 from common.weights import build_naosd
+from sr_data.scan import DataSummary, SkippedFile
 from sr_data.source import DataConfig, PairSource
 
 
@@ -44,6 +53,14 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """What one actor-pool call returns: the groups, and the files found unusable while sampling them."""
+
+    batch: pa.RecordBatch  # the group record (common/records.py)
+    skipped: tuple[SkippedFile, ...]  # each reported once per worker; ids are valid UTF-8
 
 
 class StaleWeightsError(RuntimeError):
@@ -69,9 +86,14 @@ class RolloutWorker:
         self.source = PairSource(data_config)
         self.version = 0  # the fresh adapter (B = 0) is version 0: the policy equals the reference
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._reported = 0  # files of self.source.skipped already reported
 
-    def ready(self) -> str:
-        return self.worker_id
+    def ready(self) -> DataSummary:
+        """What the data source indexed, once one image has decoded (raises NoUsableImages if none does)."""
+        self.source.probe()
+        summary = self.source.summary()
+        self._reported = len(summary.skipped)  # reported here; generate_reported reports what comes after
+        return summary
 
     def set_adapter(self, weights: AdapterWeights) -> int:
         """Apply a pushed adapter in place (digest-checked); returns the version now held."""
@@ -107,6 +129,13 @@ class RolloutWorker:
             generate_seconds=np.full(len(pairs), seconds),
         )
         return encode_rollout(groups)
+
+    def generate_reported(self, indices: Sequence[int], min_version: int = 0) -> RolloutResult:
+        """:meth:`generate`, plus the files this worker found unusable since its last report."""
+        batch = self.generate(indices, min_version)
+        skipped = tuple(self.source.skipped.values())[self._reported :]
+        self._reported += len(skipped)
+        return RolloutResult(batch, skipped)
 
     @torch.no_grad()
     def _group(self, lr_uint8: np.ndarray, prompt: str, seed: int) -> tuple[np.ndarray, ...]:

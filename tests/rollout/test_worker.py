@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ from common.naosd import ModelConfig, lora_parameters
 from common.records import REFERENCE_POLICY_VERSION, decode_rollout
 from common.weights import adapter_state_dict
 from rollout.worker import RolloutConfig, RolloutWorker, StaleWeightsError, group_seed
+from sr_data.scan import NoUsableImages
 from sr_data.source import DataConfig
+from tests.sr_data.conftest import photo, save
 
 DATA = DataConfig(crop_size=32)
 
@@ -85,3 +89,45 @@ def test_config_rejects_bad_values():
         RolloutConfig(group_size=1)
     with pytest.raises(ValueError, match="max_inflight_per_worker"):
         RolloutConfig(max_inflight_per_worker=0)
+
+
+def _truncated(path: Path) -> None:
+    """A JPEG cut in half: the header (size) reads, the pixels do not."""
+    save(path, photo(96, 96, seed=3))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _hostile_folder(root: Path) -> Path:
+    """Two good images (one under a name that is not valid UTF-8), a truncated one, a transparent one, a 1x1."""
+    save(root / "good.png", photo(48, 48, seed=1))
+    save(root / os.fsdecode(b"bad\xff.png"), photo(48, 48, seed=2))
+    _truncated(root / "cut.jpg")
+    rgba = np.dstack([photo(48, 48, seed=4), np.full((48, 48), 255, np.uint8)])
+    rgba[:4, :4, 3] = 0
+    save(root / "holes.png", rgba)
+    save(root / "dot.png", photo(1, 1, seed=5))
+    return root
+
+
+def test_bad_files_are_skipped_and_reported_once_with_printable_ids(tmp_path):
+    data = DataConfig(hr_dir=str(_hostile_folder(tmp_path)), crop_size=32, min_side=32)
+    w = RolloutWorker(ModelConfig(), RolloutConfig(group_size=2), data, "r0")
+    summary = w.ready()
+    assert summary.found == 5 and summary.escaped_names == 1
+    assert summary.by_reason() == {"too_small": 1}  # the 1x1, at indexing; the rest only shows when decoded
+    reported, ids = list(summary.skipped), set()
+    for start in range(0, 8, 2):  # two epochs of the four indexed images
+        result = w.generate_reported([start, start + 1])
+        reported += result.skipped
+        ids |= set(decode_rollout(result.batch).image_id)  # an Arrow string column: valid UTF-8 only
+    assert ids == {"good.png", "bad\\xff.png"}
+    assert sorted((s.file_id, s.reason) for s in reported) == [
+        ("cut.jpg", "unreadable"), ("dot.png", "too_small"), ("holes.png", "transparent"),
+    ]  # fmt: skip
+
+
+def test_data_without_a_usable_image_fails_ready(tmp_path):
+    _truncated(tmp_path / "cut.jpg")
+    w = RolloutWorker(ModelConfig(), RolloutConfig(group_size=2), DataConfig(hr_dir=str(tmp_path), crop_size=32), "r0")
+    with pytest.raises(NoUsableImages, match="no readable image left"):
+        w.ready()
