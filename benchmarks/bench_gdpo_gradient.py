@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         within = float(np.mean([cosine(draws[a], draws[b]) for a, b in itertools.combinations(range(args.draws), 2)]))
         within_all.append(within)
         means.append(draws.mean(0))
-        print(f"  group {i}: advantages {np.round(rewards.advantage[i], 2).tolist()}; "
+        print(f"  group {i}: advantages {np.array2string(rewards.advantage[i], precision=2)}; "
               f"cosine between two draws {within:+.3f}", flush=True)  # fmt: skip
     between = [cosine(means[a], means[b]) for a, b in itertools.combinations(range(args.groups), 2)]
     print(f"within a group, cosine between two loss-noise draws: mean {np.mean(within_all):+.3f}")
