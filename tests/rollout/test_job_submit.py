@@ -76,7 +76,7 @@ def test_dry_run_submitted_with_ray_job_submit(ray_head, tmp_path):
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log and "step 2 |" in log
-    assert (out / "checkpoint").is_dir() and (out / "samples.png").is_file()
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "samples.png").is_file()
 
 
 @pytest.mark.slow
@@ -86,9 +86,9 @@ def test_pretraining_submitted_through_submit_sh(ray_head, tmp_path):
     out = tmp_path / "pretrain-run"
     overrides = ["--config", "tiny_pretrain", "run.steps=2", "run.log_every=1", f"run.output_dir={out}",
                  "data.crop_size=16", "pretrain.batch_size=4", "metrics.enabled=false"]  # fmt: skip
-    job = subprocess.run(
-        ["bash", "deploy/submit.sh", *overrides], check=False, cwd=REPO, capture_output=True, text=True,
-        env={**env, "RAY_ADDRESS": address, "ENTRY": "learner.pretrain"}, timeout=600,
+    job = subprocess.run(  # from another folder: submit.sh uploads its own repository
+        ["bash", str(REPO / "deploy" / "submit.sh"), *overrides], check=False, cwd=tmp_path, capture_output=True,
+        text=True, env={**env, "RAY_ADDRESS": address, "ENTRY": "learner.pretrain"}, timeout=600,
     )  # fmt: skip
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
