@@ -26,7 +26,7 @@ class RolloutGroups:
     """N groups of G samples from a rollout worker (SPEC section 3)."""
 
     group_id: tuple[str, ...]  # [N] unique per group, e.g. "rollout0-000042"
-    image_id: tuple[str, ...]  # [N] the training image the pair came from
+    image_id: tuple[str, ...]  # [N] the training image, a printable id (valid UTF-8: sr_data.scan.printable)
     data_index: np.ndarray  # [N] int64, the data-source index of the pair (the data position)
     seed: np.ndarray  # [N] int64, seeds the group's posterior sample and noises
     policy_version: np.ndarray  # [N] int64, adapter version that sampled; -1 = reference
