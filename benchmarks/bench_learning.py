@@ -12,7 +12,12 @@ degraded as the tiny config's training data is (bicubic x4).
     ranges (an absolute ARF reward: Eq. 7 with range- instead of group-normalised scores) and with
     metrics the reward does not contain (SSIM-Y, sharpness).  Mean and spread over the seeds.
 
+(c) ``--objective gdpo dpo nft oars reward_feedback``: every learner objective (SPEC section 10) for the
+    same budget (steps, groups, lr) from the same start and seeds, then the (b) metrics' held-out change
+    of each, in one table.
+
     python benchmarks/bench_learning.py                      # (a) and (b), 3 seeds
+    python benchmarks/bench_learning.py --steps 30 --seeds 0 1 --objective gdpo dpo nft oars reward_feedback
     python benchmarks/bench_learning.py --steps 100 --seeds 0
 """
 
@@ -67,20 +72,40 @@ def compare_bicubic(model: NAOSD, hr: torch.Tensor, lr: torch.Tensor, samples: i
           "VAE(HR): the HR encoded and decoded, the ceiling for any latent")  # fmt: skip
 
 
-def gdpo_run(args: argparse.Namespace, seed: int) -> object:
-    """GDPO from the committed tiny NAOSD; returns the final adapter."""
-    steps, groups_per_step, group_size = args.steps, args.groups_per_step, args.group_size
+# --objective: a learner.objective, or "oars" = the nft objective on the process-aware reward with the group
+# filter (tiny stand-ins: SSIM fidelity, PIQE quality); reward_feedback uses the tiny_rfsr stand-ins.
+OBJECTIVES = ("gdpo", "dpo", "nft", "oars", "reward_feedback")
+
+
+def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple[RewardConfig, object]:
+    """The training reward's and the learner's config of one ``--objective`` (same lr, seed and budget for all)."""
     from learner.config import LearnerConfig
-    from learner.engine import LearnerRank
     from learner.gdpo_loss import GDPOLossConfig
+    from learner.reward_feedback import RewardFeedbackConfig
+
+    reward = RewardConfig.offline(weighting=args.weighting)
+    if objective == "oars":
+        reward = RewardConfig(kind="process_aware", fr_metrics=("ssim",), nr_metrics=("piqe",), filter_groups=True)
+    rf = RewardFeedbackConfig(metric="sobel_sharpness", features="tiny_conv")
+    learner = LearnerConfig(
+        lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega), reward_feedback=rf,
+        objective="nft" if objective == "oars" else objective,
+    )  # fmt: skip
+    return reward, learner
+
+
+def gdpo_run(args: argparse.Namespace, seed: int, objective: str = "gdpo") -> object:
+    """``objective`` (GDPO by default) from the committed tiny NAOSD; returns the final adapter."""
+    steps, groups_per_step, group_size = args.steps, args.groups_per_step, args.group_size
+    from learner.engine import LearnerRank
     from rollout.worker import RolloutConfig, RolloutWorker
     from sr_data.source import DataConfig
 
     data = DataConfig(crop_size=64, degradation="bicubic", seed=seed)
     rollout_config = RolloutConfig(group_size=group_size, seed=seed, sample_from=args.sample_from)
     rollout = RolloutWorker(ModelConfig(), rollout_config, data, f"bench{seed}")
-    reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
-    config = LearnerConfig(lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega))
+    reward_config, config = method_configs(args, objective, seed)
+    reward = RewardWorker(reward_config)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -90,16 +115,22 @@ def gdpo_run(args: argparse.Namespace, seed: int) -> object:
     for step in range(steps):
         batch = rollout.generate(range(step * groups_per_step, (step + 1) * groups_per_step))
         scored, _ = reward.score_batch(batch)
+        if scored.num_rows == 0:  # every group filtered (oars): no step, the budget counts it
+            print(f"  seed {seed} step {step + 1}: every group filtered, no update", flush=True)
+            continue
         stats = learner.train_step(scored)
         if args.sample_from == "policy":  # on-policy variant (SPEC section 3): the next groups see this step
             rollout.set_adapter(learner.adapter_weights())
         if (step + 1) % max(steps // 5, 1) == 0:
-            print(f"  seed {seed} step {step + 1}/{steps}: loss {stats['loss']:.4f} "
+            print(f"  {objective} seed {seed} step {step + 1}/{steps}: loss {stats['loss']:.4f} "
                   f"grad {stats['grad_norm']:.3g} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     return learner.adapter_weights()
 
 
 def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
+    if args.objective != ["gdpo"]:
+        compare_objectives(args, hr, lr)
+        return
     worker = RewardWorker(RewardConfig.offline())
     start_model = build_naosd(ModelConfig()).eval()
     rows: dict[str, list[float]] = {}
@@ -124,6 +155,36 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
               f"{d.mean():+10.4f} ± {d.std():<6.4f}{note}")  # fmt: skip
 
 
+def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
+    """Every ``--objective`` for the same budget from the same start; one table of held-out changes."""
+    worker = RewardWorker(RewardConfig.offline())
+    start_model = build_naosd(ModelConfig()).eval()
+    changes: dict[str, dict[str, list[float]]] = {}
+    starts: dict[str, list[float]] = {}
+    print(f"\n(c) objectives {args.objective}: {args.steps} steps x {args.groups_per_step} groups of "
+          f"G={args.group_size}, lr {args.lr}, seeds {args.seeds}; held-out change vs the start")  # fmt: skip
+    for seed in args.seeds:
+        before = sample(start_model, lr, args.samples, seed=seed)
+        start = {**reward_metrics(worker, before, hr), **image_metrics(before, hr)}
+        for key, value in start.items():
+            starts.setdefault(key, []).append(value)
+        for objective in args.objective:
+            begun = time.perf_counter()
+            end_model = build_naosd(ModelConfig()).eval()
+            apply_to(end_model.unet, gdpo_run(args, seed, objective))
+            after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
+            end = {**reward_metrics(worker, after, hr), **image_metrics(after, hr)}
+            for key, value in end.items():
+                changes.setdefault(objective, {}).setdefault(key, []).append(value - start[key])
+            print(f"  {objective} seed {seed}: {time.perf_counter() - begun:.0f} s", flush=True)
+    keys = list(starts)
+    print(f"\n{'method':>16} " + " ".join(f"{k:>17}" for k in keys) + "   (change: mean ± std over seeds)")
+    print(f"{'start (value)':>16} " + " ".join(f"{np.mean(starts[k]):17.4f}" for k in keys))
+    for objective, row in changes.items():
+        cells = " ".join(f"{np.mean(row[k]):+9.4f} ± {np.std(row[k]):<6.4f}" for k in keys)
+        print(f"{objective:>16} {cells}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crops", type=int, default=24, help="held-out crops")
@@ -139,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--sample-from", default="reference", choices=["reference", "policy"],
                         help="rollout.sample_from: the frozen reference (paper) or the current policy")
+    parser.add_argument("--objective", nargs="+", default=["gdpo"], choices=OBJECTIVES,
+                        help="learner objectives to compare (same start, budget, lr and seeds); oars = nft on the "
+                             "process-aware reward with the group filter")  # fmt: skip
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
