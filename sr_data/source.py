@@ -248,7 +248,8 @@ class PairSource:
         scan = self._scan
         return DataSummary(
             root=scan.root, found=scan.found, usable=len(self) - len(self._bad), skipped=tuple(scan.skipped.values()),
-            upscaled=len(scan.upscaled), escaped_names=scan.escaped_names, index_check=self.config.index_check,
+            upscaled=len(scan.upscaled), escaped_names=scan.escaped_names,
+            index_check=self.config.index_check if self.config.hr_dir else "decode",  # embedded: decoded to index
         )  # fmt: skip
 
     def probe(self) -> None:
