@@ -73,6 +73,9 @@ class Telemetry:
         self.groups_scored = Counter("gdpo_groups_scored_total", "Groups scored by the reward pool", registry=r)
         self.groups_consumed = Counter("gdpo_groups_consumed_total", "Groups the learner trained on", registry=r)
         self.groups_dropped = Counter("gdpo_groups_dropped_total", "Groups not trained on", ["reason"], registry=r)
+        self.nonfinite_steps = Counter(
+            "gdpo_learner_nonfinite_steps_total", "Learner steps skipped for a non-finite loss or gradient", registry=r
+        )
         self.groups_zero_variance = Counter(
             "gdpo_groups_zero_variance_total", "Groups trained on whose G rewards were all equal", registry=r
         )

@@ -19,7 +19,9 @@ all groups of the batch, whatever the world size and micro-batch size.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor
 
+from common import checkpoint_files
 from common.adapter_folder import read_adapter_metadata
 from common.adapter_sync import AdapterWeights, digest, pack
 from common.naosd import ModelConfig, lora_parameters
@@ -43,6 +50,9 @@ from learner.reward_feedback_model import build_reward_feedback
 ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: a peft + diffusers adapter folder (common.adapter_folder)
 DEEPSPEED_DIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed's engine and optimizer state
 _CLIENT_KEY = "gdpo_client_state"  # our key inside DeepSpeed's client state, clear of DeepSpeed's own keys
+# The only non-builtin classes DeepSpeed 0.19 pickles into its optimizer state (ZeRO 1-3, fp16/bf16):
+# plain attribute records and an int Enum, none with custom unpickling code.
+_DEEPSPEED_STATE_CLASSES = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
@@ -149,12 +159,16 @@ class LearnerRank:
             for key, value in micro.items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = self._step()
+        applied = self.engine.was_step_applied()
+        # Skipped for a non-finite loss or gradient (an fp16 loss-scale overflow skip is DeepSpeed's routine).
+        nonfinite = not math.isfinite(sums.get("loss", 0.0)) or (not applied and self.config.precision != "fp16")
         return {
             **{key: value / n for key, value in sums.items()},
             "grad_norm": grad_norm,
             "step": float(self.step),
             "num_groups": float(n),
-            "step_applied": float(self.engine.was_step_applied()),
+            "step_applied": float(applied),
+            "nonfinite": float(nonfinite),
         }
 
     def _shard_tensors(self, batch: pa.RecordBatch) -> ObjectiveInputs:
@@ -187,17 +201,27 @@ class LearnerRank:
             feedback=self.feedback,
         )
         # Weighted by the micro-batch's share, the accumulated gradient is that of the shard mean.
-        self.engine.backward(out.loss * (inputs.num_groups / shard_size))
+        self.engine.backward(_nan_unless_finite(out.loss * (inputs.num_groups / shard_size)))
         return out.stats
 
     def _step(self) -> float:
-        """``engine.step()``; returns the global gradient norm before clipping."""
-        # ZeRO and DeepSpeed's fp16/bf16 optimisers report the norm; a plain torch
-        # optimizer at stage 0 does not, so measure the (already all-reduced) grads.
+        """``engine.step()``, skipped when the gradient is not finite; returns the global norm before clipping.
+
+        ZeRO and DeepSpeed's fp16/bf16 optimisers measure the norm and skip a non-finite step
+        themselves (``was_step_applied()`` is then False); a plain torch optimizer at stage 0
+        does neither, so measure the (already all-reduced, so the same on every rank) gradients
+        and skip the update here.  A skipped step still counts in ``global_steps``.
+        """
         own = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._lora_grad_norm()
-        self.engine.step()
+        if own is not None and not math.isfinite(own):
+            with _skipped_update(self.engine.optimizer):
+                self.engine.step()
+        else:
+            self.engine.step()
         reported = self.engine.get_global_grad_norm()
-        return float(own if reported is None else reported)
+        norm = float(own if reported is None else reported)
+        assert math.isfinite(norm) or not self.engine.was_step_applied(), f"a step with gradient norm {norm} ran"
+        return norm
 
     def _lora_grad_norm(self) -> float:
         grads = [p.grad.detach().float().reshape(-1) for p in lora_parameters(self.unet).values() if p.grad is not None]
@@ -222,39 +246,62 @@ class LearnerRank:
             state = adapter_state_dict(self.unet)
         return pack(self.step if version is None else version, state)
 
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
-        """Write ``<directory>/adapter`` (rank 0) and DeepSpeed's state (every rank; a collective).
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> Path:
+        """Write ``<root>/checkpoint-<step>/`` atomically (a collective: every rank calls it); returns it.
 
-        ``client_state`` (data position, RNG states, ...) comes back from
-        :meth:`load_checkpoint`; it is pickled by DeepSpeed, so keep it to plain
-        Python/numpy/torch values.  ``directory`` must be shared by all ranks.
+        Every rank writes its DeepSpeed state and rank 0 the adapter into
+        ``checkpoint-<step>.tmp``; once all are done rank 0 seals it
+        (:func:`common.checkpoint_files.commit`: manifest, rename, ``latest``, keep the newest
+        ``keep``).  ``client_state`` (data position, ...) comes back from :meth:`load_checkpoint`;
+        it is read back with ``weights_only=True``, so keep it to plain Python values and
+        tensors.  ``root`` must be shared by all ranks.  A non-finite adapter is never written.
         """
-        directory = Path(directory)
+        staging = checkpoint_files.staging_path(root, self.step)
+        if self.rank == 0:
+            checkpoint_files.staging_dir(root, self.step)
+        dist.barrier()
         with self._full_adapter():  # a collective under ZeRO-3: every rank enters, rank 0 writes
             if self.rank == 0:
-                extra = {"step": self.step, "digest": digest(adapter_state_dict(self.unet))}
-                save_adapter(self.unet, directory / ADAPTER_DIR, model=self.model_config, extra=extra)
+                state = adapter_state_dict(self.unet)
+                if bad := [name for name, t in state.items() if not bool(torch.isfinite(t).all())]:
+                    raise RuntimeError(f"refusing to checkpoint a non-finite adapter: {bad[:3]} ...")
+                extra = {"step": self.step, "digest": digest(state)}
+                save_adapter(self.unet, staging / ADAPTER_DIR, model=self.model_config, extra=extra)
         self.engine.save_checkpoint(
-            str(directory / DEEPSPEED_DIR),
-            tag=f"step{self.step:08d}",
+            str(staging / DEEPSPEED_DIR),
+            tag=_tag(self.step),
             client_state={_CLIENT_KEY: dict(client_state)},
             exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source, not checkpointed
         )
-        return directory
+        dist.barrier()  # every rank's files are in place
+        if self.rank == 0:
+            checkpoint_files.commit(staging, keep=keep)
+        dist.barrier()  # nobody returns before the checkpoint exists
+        return checkpoint_files.checkpoint_dir(root, self.step)
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        """Resume from :meth:`save_checkpoint`: adapter, optimizer state and step; returns the client state."""
+        """Resume from one ``checkpoint-<step>/``: adapter, optimizer state and step; returns the client state.
+
+        The folder's manifest is verified before anything in it is opened, and DeepSpeed's
+        files are unpickled with ``weights_only=True``: a :class:`~common.checkpoint_files.CheckpointError`
+        (a ValueError) for a torn, changed or unsafe checkpoint, with nothing of it executed.
+        """
         directory = Path(directory)
+        checkpoint_files.verify(directory)
         try:
             meta = read_adapter_metadata(directory / ADAPTER_DIR)
         except ValueError as err:
             raise ValueError(f"{directory} is not a learner checkpoint: {err}") from None
-        path, states = self.engine.load_checkpoint(
-            str(directory / DEEPSPEED_DIR),
-            load_module_strict=False,  # the frozen base was excluded on save
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        try:
+            path, states = self.engine.load_checkpoint(
+                str(directory / DEEPSPEED_DIR),
+                tag=_tag(int(meta.get("step", -1))),
+                load_module_strict=False,  # the frozen base was excluded on save
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        except pickle.UnpicklingError as err:
+            raise checkpoint_files.CheckpointError(f"{directory}: refused to unpickle DeepSpeed state: {err}") from None
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
         weights = self.adapter_weights()
@@ -272,7 +319,53 @@ def initialize(
 ) -> Any:
     """A DeepSpeed engine over ``module`` stepping ``optimizer`` on ``params`` (call after :func:`init_distributed`)."""
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params, config=config)
+    assert type(engine.checkpoint_engine) is TorchCheckpointEngine, engine.checkpoint_engine  # what we replace
+    engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(engine._config)
     return engine
+
+
+class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, reading with ``torch.load(weights_only=True)``.
+
+    DeepSpeed 0.19's own engine reads with ``weights_only=False``, which runs whatever code a
+    pickle names.  This one reads tensors, containers, primitives and
+    ``_DEEPSPEED_STATE_CLASSES`` only, and raises ``pickle.UnpicklingError`` for anything else.
+    Every DeepSpeed read of a checkpoint (model states, ZeRO optimizer shards) goes through it.
+    """
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(list(_DEEPSPEED_STATE_CLASSES)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _nan_unless_finite(loss: Tensor) -> Tensor:
+    """``loss``, or ``loss * nan`` when it is not finite.
+
+    An infinite loss can have a finite gradient (``-log sigmoid(x)`` has slope -1 as x -> -inf);
+    made NaN, it poisons the gradient, so the one gradient check after the all-reduce
+    (:meth:`LearnerRank._step`, or DeepSpeed's own) skips the step on every rank alike.
+    """
+    return loss if bool(torch.isfinite(loss.detach())) else loss * float("nan")
+
+
+@contextlib.contextmanager
+def _skipped_update(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Make the next ``engine.step()`` DeepSpeed's skipped step (as after an fp16 overflow).
+
+    ``optimizer.step`` does nothing and ``optimizer.overflow`` is set, so the engine clears the
+    gradients, counts the step in ``global_steps`` and ``skipped_steps`` and reports
+    ``was_step_applied() == False``; the weights and Adam's moments stay as they were.
+    """
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.step, optimizer.overflow
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:

@@ -26,13 +26,23 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from common import checkpoint_files
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
 from common.ray_session import pool_request, wait_placement_group
 from learner.config import LearnerConfig, LearnerPoolConfig
 
 # Per-step keys every rank reports; every other key is the objective's per-group mean over the rank's shard.
-_RANK_STATS = ("grad_norm", "step", "num_groups", "step_applied")
+_RANK_STATS = ("grad_norm", "step", "num_groups", "step_applied", "nonfinite")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where :meth:`LearnerGroup.resume` resumed from, and the newer checkpoints it refused."""
+
+    path: Path
+    client_state: dict[str, Any]
+    refused: tuple[tuple[str, str], ...]  # (checkpoint name, why), newest first
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,18 @@ class _RankHost(RendezvousHost):
     def adapter_weights(self, version: int | None) -> AdapterWeights:
         return self._rank.adapter_weights(version)
 
-    def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> None:
-        self._rank.save_checkpoint(directory, client_state)
+    def save_checkpoint(self, root: str, client_state: dict[str, Any], keep: int) -> str:
+        return str(self._rank.save_checkpoint(root, client_state, keep=keep))
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         return self._rank.load_checkpoint(directory)
+
+    def checkpoints(self, root: str) -> list[str]:
+        """Committed checkpoints under ``root`` as this rank's node sees them, newest first."""
+        return [str(p) for p in checkpoint_files.committed(root)]
+
+    def reject_checkpoint(self, directory: str) -> str:
+        return str(checkpoint_files.reject(directory))
 
 
 class LearnerGroup:
@@ -156,15 +173,37 @@ class LearnerGroup:
         result = push_weights(weights, rollout_actors)
         return dataclasses.replace(result, fetch_seconds=fetched)
 
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> Path:
-        """Every rank writes its DeepSpeed state (rank 0 also the adapter) under a shared ``directory``."""
-        ray.get([r.save_checkpoint.remote(str(directory), client_state) for r in self._ranks])
-        return Path(directory)
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> Path:
+        """Write ``<root>/checkpoint-<step>/`` atomically (every rank its DeepSpeed state, rank 0 the
+        adapter, then rank 0 seals it), keeping the newest ``keep`` (0: all); returns the folder."""
+        paths = ray.get([r.save_checkpoint.remote(str(root), client_state, keep) for r in self._ranks])
+        return Path(paths[0])
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        """Every rank resumes from ``directory``; returns the client state saved with it."""
+        """Every rank resumes from one checkpoint folder; returns the client state saved with it."""
         states = ray.get([r.load_checkpoint.remote(str(directory)) for r in self._ranks])
         return states[0]
+
+    def resume(self, root: str | Path) -> Resumed | None:
+        """Resume from the newest intact checkpoint under ``root``; None when there is none at all.
+
+        Checkpoints are tried newest first; one that fails verification or loading (torn,
+        changed, unsafe) is renamed ``<name>.rejected`` and the next older one is tried.  If
+        checkpoints exist but none is intact, that is an error, never a silent fresh start.
+        """
+        refused: list[tuple[str, str]] = []
+        for path in ray.get(self._ranks[0].checkpoints.remote(str(root))):
+            try:
+                state = self.load_checkpoint(path)
+            except ValueError as err:  # CheckpointError, also when Ray wraps it in a RayTaskError
+                refused.append((Path(path).name, str(getattr(err, "cause", err))))
+                ray.get(self._ranks[0].reject_checkpoint.remote(path))
+                continue
+            return Resumed(path=Path(path), client_state=state, refused=tuple(refused))
+        if refused:
+            reasons = "; ".join(f"{name}: {why}" for name, why in refused)
+            raise checkpoint_files.CheckpointError(f"no intact checkpoint under {root} (renamed *.rejected): {reasons}")
+        return None
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group (safe to call twice)."""
@@ -267,6 +306,7 @@ def _aggregate(stats: list[dict[str, float]]) -> dict[str, float]:
         step=stats[0]["step"],
         num_groups=sum(s["num_groups"] for s in stats),
         step_applied=min(s["step_applied"] for s in stats),
+        nonfinite=max(s["nonfinite"] for s in stats),  # skipped on every rank; some may have seen only NaN grads
         world_size=float(len(stats)),
     )
     return out

@@ -19,6 +19,7 @@ learner, so a resumed run sees exactly the pairs it would have seen.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,6 @@ import ray
 from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
-from common.config import save_config
 from common.records import (
     REFERENCE_POLICY_VERSION,
     GroupRewards,
@@ -47,8 +47,8 @@ from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
-
-CHECKPOINT_DIR = "checkpoint"
+from rollout.resume import checkpoint_root, prepare_run_folder
+from rollout.stop import StopSignals
 
 
 @dataclass
@@ -60,7 +60,7 @@ class DataPosition:
 def train(job: JobConfig) -> dict[str, float]:
     """Run the job to ``job.run.steps`` optimizer steps; returns the last step's summary."""
     out = Path(job.run.output_dir)
-    save_config(job, out / "config.yaml")
+    prepare_run_folder(job)  # a resume that changes the model, data, seed or objective stops here
     if notice := model_notice(job.model.source):
         print(notice, flush=True)
     telemetry = Telemetry()
@@ -85,27 +85,53 @@ def train(job: JobConfig) -> dict[str, float]:
 def _train_loop(
     job: JobConfig, out: Path, telemetry: Telemetry, *, rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup
 ) -> dict[str, float]:
-    step, position = 0, DataPosition()
-    if job.run.resume and (out / CHECKPOINT_DIR).is_dir():
-        state = learner.load_checkpoint(out / CHECKPOINT_DIR)
-        step, position = state["step"], DataPosition(**state["data"])
-        print(f"resumed at step {step}, data index {position.next_index}", flush=True)
-        telemetry.resumed(step)
-    pipeline = _Pipeline(job, rollout, reward, telemetry, position)
+    step, position = _resume(job, learner, telemetry)
+    with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step in hand, checkpoint, stop
+        summary = _run_steps(job, out, telemetry, step, position, stop, rollout=rollout, reward=reward, learner=learner)
+    if stop.requested:
+        print(f"stopped by {signal.Signals(stop.signum).name} at step {summary.get('step', step):.0f}; "
+              f"the checkpoint is written: resume with run.resume=true", flush=True)  # fmt: skip
+        summary["stopped_by_signal"] = float(stop.signum)
+    return summary
+
+
+def _resume(job: JobConfig, learner: LearnerGroup, telemetry: Telemetry) -> tuple[int, DataPosition]:
+    """The step and data position of the newest intact checkpoint (refused newer ones are reported)."""
+    resumed = learner.resume(checkpoint_root(job)) if job.run.resume else None
+    if resumed is None:
+        return 0, DataPosition()
+    for name, why in resumed.refused:
+        print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
+    state = resumed.client_state
+    step, position = state["step"], DataPosition(**state["data"])
+    fallback = " (an older checkpoint: see above)" if resumed.refused else ""
+    print(f"resumed from {resumed.path.name}{fallback} at step {step}, data index {position.next_index}", flush=True)
+    telemetry.resumed(step)
+    return step, position
+
+
+def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
+    job: JobConfig, out: Path, telemetry: Telemetry, step: int, position: DataPosition, stop: StopSignals, *,
+    rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup,
+) -> dict[str, float]:  # fmt: skip
+    pipeline = _Pipeline(job, rollout, reward, telemetry, position, stop)
     pipeline.push(learner.adapter_weights(step))
     summary: dict[str, float] = {}
-    started, waited, batch, first_step = time.perf_counter(), 0.0, None, step
-    while step < job.run.steps:
+    started, waited, batch, first_step, nonfinite_in_row = time.perf_counter(), 0.0, None, step, 0
+    while step < job.run.steps and not stop.requested:
         # Rollout: wait for a step's worth of scored groups (the only time the learner idles).
         wait_start = time.perf_counter()
-        batch = pipeline.take(job.run.groups_per_step, learner_version=step)
-        wait = time.perf_counter() - wait_start
+        taken = pipeline.take(job.run.groups_per_step, learner_version=step)
+        if taken is None:  # a stop signal came while waiting
+            break
+        batch, wait = taken, time.perf_counter() - wait_start
         waited += wait
         # Training: one optimizer step; rollout and reward keep working while it runs.
         step_start = time.perf_counter()
         stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
         step_seconds = time.perf_counter() - step_start
         step += 1
+        nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
         groups = decode_rollout(batch)
         pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
         if step % job.learner.push_every == 0:
@@ -122,9 +148,9 @@ def _train_loop(
             summary["steady_samples_per_second"] = steady
         if step % job.run.log_every == 0:
             _print_progress(summary)
-        if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0:
-            _checkpoint(learner, out, step, position)
-    _checkpoint(learner, out, step, position)
+        if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
+            _checkpoint(learner, job, step, position)
+    _checkpoint(learner, job, step, position)
     if job.run.sample_grid and batch is not None:
         print(f"sample grid: {save_sample_grid(batch, out / 'samples.png')}", flush=True)
     return summary
@@ -140,10 +166,12 @@ class _Pipeline:
 
     POLL_S = 0.02
 
-    def __init__(
-        self, job: JobConfig, rollout: RolloutPool, reward: RewardPool, telemetry: Telemetry, position: DataPosition
-    ) -> None:
+    def __init__(  # noqa: PLR0917 - the loop's parts, passed once
+        self, job: JobConfig, rollout: RolloutPool, reward: RewardPool, telemetry: Telemetry, position: DataPosition,
+        stop: StopSignals,
+    ) -> None:  # fmt: skip
         self.job, self.rollout, self.reward, self.telemetry, self.position = job, rollout, reward, telemetry, position
+        self.stop = stop
         cfg = job.rollout
         self.capacity = job.run.groups_per_step + len(rollout) * cfg.max_inflight_per_worker * cfg.groups_per_call
         self.reissue: deque[int] = deque(position.pending)  # resumed: these go out first
@@ -157,12 +185,14 @@ class _Pipeline:
 
     # --- what the loop calls -------------------------------------------------------------------
 
-    def take(self, count: int, *, learner_version: int) -> pa.RecordBatch:
-        """The next ``count`` scored groups (blocks, keeping every stage busy meanwhile)."""
+    def take(self, count: int, *, learner_version: int) -> pa.RecordBatch | None:
+        """The next ``count`` scored groups (blocks, keeping every stage busy); None once a stop is requested."""
         # Staleness is judged against the version the learner is at now: what waited through the last
         # step is filtered here once, what arrives during this call is filtered as it arrives.
         self.ready = [self._drop_stale(b, learner_version) for b in self.ready]
         while self._ready_groups() < count:
+            if self.stop.requested:  # what is in flight stays pending in the data position: re-issued on resume
+                return None
             self._pump(learner_version)
         batch = concat(self.ready)
         self.ready = [batch.slice(count)] if batch.num_rows > count else []
@@ -289,8 +319,25 @@ class _Pipeline:
         return sampling + sum(len(ids) for ids in self.scoring.values()) + self._ready_groups()
 
 
-def _checkpoint(learner: LearnerGroup, out: Path, step: int, position: DataPosition) -> None:
-    learner.save_checkpoint(out / CHECKPOINT_DIR, {"step": step, "data": asdict(position)})
+def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition) -> None:
+    state = {"step": step, "data": asdict(position)}
+    learner.save_checkpoint(checkpoint_root(job), state, keep=job.run.keep_checkpoints)
+
+
+def _check_finite(stats: dict[str, float], step: int, in_row: int, limit: int, telemetry: Telemetry) -> int:
+    """Count a skipped non-finite learner step; RuntimeError after ``limit`` in a row.  Returns the new run length."""
+    if not stats["nonfinite"]:
+        return 0
+    in_row += 1
+    telemetry.nonfinite_steps.inc()
+    print(f"step {step}: non-finite loss or gradient norm (loss {stats['loss']}, grad {stats['grad_norm']}); "
+          f"update skipped, adapter unchanged ({in_row} in a row)", flush=True)  # fmt: skip
+    if limit and in_row >= limit:
+        raise RuntimeError(
+            f"{in_row} learner steps in a row had a non-finite loss or gradient norm (run.max_nonfinite_steps="
+            f"{limit}); stopping. The adapter was never updated with them; the last checkpoint is intact."
+        )
+    return in_row
 
 
 def _record(

@@ -50,7 +50,10 @@ class RunConfig:
     steps: int = 4
     groups_per_step: int = 2  # images per optimizer step, across all learner ranks (paper: 8)
     output_dir: str = "runs/dry-run"
-    resume: bool = True  # continue from output_dir/checkpoint when it exists
+    resume: bool = True  # continue from the newest intact output_dir/checkpoints/checkpoint-<step>
+    resume_force: bool = False  # resume even though model, data, rollout seed or objective changed
+    keep_checkpoints: int = 3  # newest checkpoint-<step> folders kept; 0 = all
+    max_nonfinite_steps: int = 3  # stop after this many skipped non-finite learner steps in a row; 0 = never
     log_every: int = 1
     validate_every: int = 0  # held-out validation and reward-hacking alarm every N steps; 0 = off
     sample_grid: bool = True  # write LR | samples with rewards | HR at the end
@@ -60,6 +63,8 @@ class RunConfig:
             raise ValueError("steps >= 0, groups_per_step >= 1 and log_every >= 1 are required")
         if self.validate_every < 0:
             raise ValueError(f"validate_every must be >= 0 (0 = off), got {self.validate_every}")
+        if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 0:
+            raise ValueError("keep_checkpoints >= 0 and max_nonfinite_steps >= 0 are required")
 
 
 @dataclass(frozen=True, kw_only=True)

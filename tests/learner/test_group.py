@@ -83,15 +83,24 @@ def test_push_delivers_one_version_to_every_rollout_actor(two_ranks):
             ray.kill(actor)
 
 
-def test_checkpoint_resume_across_two_ranks(two_ranks, scored_batch, tmp_path):
+def test_checkpoint_resume_across_two_ranks_falls_back_past_a_torn_one(two_ranks, scored_batch, tmp_path):
     two = two_ranks
     two.step(scored_batch(seed=3))
-    two.save_checkpoint(tmp_path / "ckpt", {"data_position": 12})
+    first = two.save_checkpoint(tmp_path, {"data_position": 12})
     saved = two.adapter_weights()
     following = scored_batch(seed=4)
     two.step(following)
     uninterrupted = two.adapter_weights()
-    assert two.load_checkpoint(tmp_path / "ckpt") == {"data_position": 12}
+    newest = two.save_checkpoint(tmp_path, {"data_position": 16}, keep=2)
+    assert [p.name for p in (first, newest)] == [f"checkpoint-{saved.version}", f"checkpoint-{saved.version + 1}"]
+    torn = newest / "deepspeed" / f"step{saved.version + 1:08d}" / "mp_rank_00_model_states.pt"
+    torn.write_bytes(torn.read_bytes()[:100])  # a write cut short after the commit (disk full, bad copy)
+
+    resumed_from = two.resume(tmp_path)
+    assert resumed_from is not None and resumed_from.path == first
+    assert resumed_from.client_state == {"data_position": 12}
+    assert [name for name, _ in resumed_from.refused] == [newest.name] and "bytes" in resumed_from.refused[0][1]
+    assert not newest.exists() and newest.with_name(newest.name + ".rejected").is_dir()
     assert two.adapter_weights().digest == saved.digest
     two.step(following)
     resumed = two.adapter_weights()

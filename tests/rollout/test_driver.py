@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import urllib.request
 from pathlib import Path
@@ -11,9 +13,10 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
+from common import checkpoint_files
 from learner.group import LearnerGroup
 from rollout import driver
-from rollout.driver import CHECKPOINT_DIR, train
+from rollout.driver import train
 from rollout.job import load_job
 from rollout.pool import RolloutPool
 
@@ -31,7 +34,9 @@ def _free_port() -> int:
 
 
 def _adapter(out: Path) -> dict:
-    return load_file(str(next((out / CHECKPOINT_DIR).rglob("adapter_model.safetensors"))))
+    """The adapter of the run's newest checkpoint (``checkpoints/latest`` names it)."""
+    latest = (out / "checkpoints" / checkpoint_files.LATEST).read_text().strip()
+    return load_file(str(out / "checkpoints" / latest / "adapter" / "adapter_model.safetensors"))
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -99,10 +104,23 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
         _scrape(port)
 
 
-def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
     straight = train(_job(tmp_path / "a", "run.steps=3", *common))
-    train(_job(tmp_path / "b", "run.steps=2", *common))
+    finish_step = LearnerGroup.finish_step
+
+    def finish_then_sigterm(self, pending):
+        stats = finish_step(self, pending)
+        if stats["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill <driver pid>` (or Ctrl-C's SIGINT) does mid-run
+        return stats
+
+    monkeypatch.setattr(LearnerGroup, "finish_step", finish_then_sigterm)
+    # No periodic checkpoints: the only one is what the signal writes.
+    stopped = train(_job(tmp_path / "b", "run.steps=3", "learner.checkpoint_every=0", *common[1:]))
+    monkeypatch.undo()
+    assert stopped["step"] == 2 and stopped["stopped_by_signal"] == signal.SIGTERM
+    assert [p.name for p in checkpoint_files.committed(tmp_path / "b" / "checkpoints")] == ["checkpoint-2"]
     resumed_at: list[float] = []  # the step gauge when the resumed run's first step starts
     take = driver._Pipeline.take
 

@@ -1,0 +1,113 @@
+"""Resuming a run safely: what must not change under a checkpoint, and keeping the old config.
+
+A checkpoint's adapter, optimizer state and data position only mean something with the model,
+data, rollout seed and objective they were made with.  :func:`prepare_run_folder` compares the
+job with the ``config.yaml`` saved beside the checkpoints and refuses a resume that changes
+any of :data:`GUARDED` unless ``run.resume_force=true``; either way the old file is kept as
+``config.<time>.yaml`` before the new one is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import checkpoint_files
+from common.config import save_config, to_mapping
+from rollout.job import JobConfig
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/checkpoint-<step>/, latest
+# Dotted keys (whole sections or single keys) a resume keeps unless forced: what the saved state was made with.
+GUARDED = (
+    "model",
+    "data",
+    "rollout.seed",
+    "learner.objective",
+    "learner.loss",
+    "learner.nft",
+    "learner.reward_feedback",
+    "learner.seed",
+    "reward.kind",
+    "reward.fr_metrics",
+    "reward.nr_metrics",
+    "reward.weighting",
+    "reward.fixed_rho_s",
+)
+_ABSENT = object()
+
+
+def checkpoint_root(job: JobConfig) -> Path:
+    return Path(job.run.output_dir) / CHECKPOINTS
+
+
+def will_resume(job: JobConfig) -> bool:
+    """Whether the run continues from a checkpoint (one exists and ``run.resume`` is on)."""
+    return job.run.resume and bool(checkpoint_files.committed(checkpoint_root(job)))
+
+
+def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every :data:`GUARDED` key whose value differs (keys a file lacks are skipped)."""
+    changes: list[str] = []
+    for key in GUARDED:
+        _diff(key, _get(saved, key), _get(new, key), changes)
+    return changes
+
+
+def prepare_run_folder(job: JobConfig) -> Path:
+    """Check a resume against the saved config, keep the old config, write the new; returns ``config.yaml``.
+
+    ValueError (naming every changed key) when a resume would change a :data:`GUARDED` key and
+    ``run.resume_force`` is off.
+    """
+    path = Path(job.run.output_dir) / CONFIG_FILE
+    if path.is_file():
+        if will_resume(job):
+            saved = yaml.safe_load(path.read_text()) or {}  # plain YAML only: nothing in it runs
+            if changes := config_changes(saved, to_mapping(job)):
+                listed = "; ".join(changes)
+                if not job.run.resume_force:
+                    raise ValueError(
+                        f"resuming {path.parent} would change what its checkpoints were made with ({listed}); "
+                        "use a new run.output_dir, or run.resume_force=true to resume anyway"
+                    )
+                print(f"run.resume_force: resuming despite changes: {listed}", flush=True)
+        kept = _free_name(path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%S')}.yaml"))
+        path.rename(kept)
+        print(f"previous config kept as {kept}", flush=True)
+    return save_config(job, path)
+
+
+def _diff(key: str, old: Any, now: Any, changes: list[str]) -> None:
+    if old is _ABSENT or now is _ABSENT:
+        return
+    if isinstance(old, Mapping) and isinstance(now, Mapping):
+        for sub in sorted(set(old) | set(now)):
+            _diff(f"{key}.{sub}", old.get(sub, _ABSENT), now.get(sub, _ABSENT), changes)
+    elif old != now:
+        changes.append(f"{key}: {_short(old)} -> {_short(now)}")
+
+
+def _get(mapping: Mapping[str, Any], key: str) -> Any:
+    node: Any = mapping
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
+    return candidate
