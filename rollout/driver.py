@@ -23,6 +23,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from rollout.job import JobConfig
 from rollout.pool import RolloutPool
 from rollout.resume import checkpoint_root, prepare_run_folder
 from rollout.stop import StopSignals
+from rollout.validation import ValidationRunner
 
 
 @dataclass
@@ -75,7 +77,12 @@ def train(job: JobConfig) -> dict[str, float]:
         pools.append(reward)
         learner = LearnerGroup(job.model, job.learner, job.cluster.learner)
         pools.append(learner)
-        return _train_loop(job, out, telemetry, rollout=rollout, reward=reward, learner=learner)
+        validation = None
+        if job.run.validate_every:  # held-out validation and the reward-hacking alarm (rollout/validation.py)
+            validation = ValidationRunner(job.validation, job.model, job.reward, every=job.run.validate_every,
+                                          out=out, telemetry=telemetry)  # fmt: skip
+            pools.append(validation)
+        return _train_loop(job, out, telemetry, rollout=rollout, reward=reward, learner=learner, validation=validation)
     finally:
         for pool in reversed(pools):  # explicit shutdown, whatever happened
             pool.shutdown()
@@ -83,11 +90,13 @@ def train(job: JobConfig) -> dict[str, float]:
 
 
 def _train_loop(
-    job: JobConfig, out: Path, telemetry: Telemetry, *, rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup
-) -> dict[str, float]:
+    job: JobConfig, out: Path, telemetry: Telemetry, *, rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup,
+    validation: ValidationRunner | None,
+) -> dict[str, float]:  # fmt: skip
     step, position = _resume(job, learner, telemetry)
     with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step in hand, checkpoint, stop
-        summary = _run_steps(job, out, telemetry, step, position, stop, rollout=rollout, reward=reward, learner=learner)
+        summary = _run_steps(job, out, telemetry, step, position, stop, rollout=rollout, reward=reward, learner=learner,
+                             validation=validation)  # fmt: skip
     if stop.requested:
         print(f"stopped by {signal.Signals(stop.signum).name} at step {summary.get('step', step):.0f}; "
               f"the checkpoint is written: resume with run.resume=true", flush=True)  # fmt: skip
@@ -112,10 +121,12 @@ def _resume(job: JobConfig, learner: LearnerGroup, telemetry: Telemetry) -> tupl
 
 def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
     job: JobConfig, out: Path, telemetry: Telemetry, step: int, position: DataPosition, stop: StopSignals, *,
-    rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup,
+    rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup, validation: ValidationRunner | None,
 ) -> dict[str, float]:  # fmt: skip
     pipeline = _Pipeline(job, rollout, reward, telemetry, position, stop)
     pipeline.push(learner.adapter_weights(step))
+    if validation:  # the policy as the run starts: the alarm's first point
+        validation.after_step(step, partial(learner.adapter_weights, step))
     summary: dict[str, float] = {}
     started, waited, batch, first_step, nonfinite_in_row = time.perf_counter(), 0.0, None, step, 0
     while step < job.run.steps and not stop.requested:
@@ -136,6 +147,8 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
         pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
         if step % job.learner.push_every == 0:
             pipeline.push(learner.adapter_weights(step))
+        if validation:  # every run.validate_every steps; the alarm may stop the run (validation.alarm.action)
+            validation.after_step(step, partial(learner.adapter_weights, step))
         summary = _record(
             telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
             step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
@@ -150,6 +163,8 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             _print_progress(summary)
         if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
             _checkpoint(learner, job, step, position)
+    if validation:
+        validation.finish()
     _checkpoint(learner, job, step, position)
     if job.run.sample_grid and batch is not None:
         print(f"sample grid: {save_sample_grid(batch, out / 'samples.png')}", flush=True)
