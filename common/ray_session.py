@@ -111,6 +111,7 @@ def _start_private_ray(pools: Sequence[PoolRequest]) -> None:
     needed = _sum([p.total for p in pools])
     custom = {k: float(math.ceil(v)) for k, v in needed.items() if k not in ("CPU", "GPU")}
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    _loopback_only()
     ray.init(
         address="local",  # never attach to an instance that happens to run on this host
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed.get("CPU", 0.0))),
@@ -119,6 +120,21 @@ def _start_private_ray(pools: Sequence[PoolRequest]) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env_vars},
     )
+
+
+def _loopback_only() -> None:
+    """Keep every port of the private Ray on 127.0.0.1 (README "Ports").
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the host's routable IP and then binds its gRPC
+    servers (GCS, raylet, workers) and the autoscaler, dashboard and agent metrics endpoints on every
+    interface.  Its single-host mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by
+    ``ray._private.services.get_node_ip_address``) keeps the node on loopback: the variable reaches every
+    Ray process started from here, the constant this process read when it imported Ray is set to match.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _cpu_only_deepspeed() -> None:

@@ -45,7 +45,7 @@ class ValidationConfig:
 
     folder: str = ""  # "": the embedded held-out photos (sr_data.embedded_images.EMBEDDED_HELDOUT)
     crops: int = 8  # fixed HR crops, positions drawn from ``seed``
-    crop_size: int = 64  # HR side; the LR is crop_size // 4 (x4 bicubic)
+    crop_size: int = 64  # HR side; the LR is x4 bicubic (crop_size // 4 a side, resized back)
     samples: int = 2  # NAOSD samples per crop (>= 2: the reward scores groups)
     seed: int = 1234  # crop positions and sampling noise: identical at every validation
     prompt: str = ""

@@ -3,7 +3,8 @@
 Shared by the learning benchmark (``benchmarks/bench_learning.py``) and the training run's validation actor
 (``rollout.validation``), so both measure the same thing:
 
-- :func:`heldout_crops`: fixed HR crops (positions drawn from a seed) and their x4 bicubic LR, from the
+- :func:`heldout_crops`: fixed HR crops (positions drawn from a seed) and their x4 bicubic LR (brought back to
+  the HR size, as NAOSD takes it), from the
   embedded held-out photos (``sr_data.embedded_images.EMBEDDED_HELDOUT``, never trained on) or a folder;
 - :func:`sample_fixed_noise`: NAOSD samples whose noise depends on (seed, crop) only, so two models (or
   one model before and after training) see identical noise;
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from reward_service.worker import RewardWorker
     from sr_tools.iqa import Metric as IqaMetric
 
-SCALE = 4  # NAOSD's upscaling factor: LR crops are size // 4
+SCALE = 4  # NAOSD's upscaling factor: the LR holds size // 4 pixels a side, resized back to size
 
 
 def heldout_photos(folder: str | Path = "") -> list[np.ndarray]:
@@ -48,7 +49,7 @@ def heldout_photos(folder: str | Path = "") -> list[np.ndarray]:
 def heldout_crops(
     count: int, size: int, seed: int = 1234, folder: str | Path = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` fixed crops alternating over the photos: HR ``[N, 3, s, s]`` and x4 bicubic LR, uint8."""
+    """``count`` fixed crops alternating over the photos: HR and x4 bicubic LR (at HR size), uint8 ``[N, 3, s, s]``."""
     if size % SCALE:
         raise ValueError(f"held-out crop size must be a multiple of {SCALE}, got {size}")
     photos = [p for p in heldout_photos(folder) if min(p.shape[:2]) > size]
