@@ -22,7 +22,7 @@ import contextlib
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,28 +256,23 @@ class LearnerRank:
         it is read back with ``weights_only=True``, so keep it to plain Python values and
         tensors.  ``root`` must be shared by all ranks.  A non-finite adapter is never written.
         """
-        staging = checkpoint_files.staging_path(root, self.step)
-        if self.rank == 0:
-            checkpoint_files.staging_dir(root, self.step)
-        dist.barrier()
-        with self._full_adapter():  # a collective under ZeRO-3: every rank enters, rank 0 writes
-            if self.rank == 0:
-                state = adapter_state_dict(self.unet)
-                if bad := [name for name, t in state.items() if not bool(torch.isfinite(t).all())]:
-                    raise RuntimeError(f"refusing to checkpoint a non-finite adapter: {bad[:3]} ...")
-                extra = {"step": self.step, "digest": digest(state)}
-                save_adapter(self.unet, staging / ADAPTER_DIR, model=self.model_config, extra=extra)
-        self.engine.save_checkpoint(
-            str(staging / DEEPSPEED_DIR),
-            tag=_tag(self.step),
-            client_state={_CLIENT_KEY: dict(client_state)},
-            exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source, not checkpointed
-        )
-        dist.barrier()  # every rank's files are in place
-        if self.rank == 0:
-            checkpoint_files.commit(staging, keep=keep)
-        dist.barrier()  # nobody returns before the checkpoint exists
-        return checkpoint_files.checkpoint_dir(root, self.step)
+
+        def write(staging: Path) -> None:
+            with self._full_adapter():  # a collective under ZeRO-3: every rank enters, rank 0 writes
+                if self.rank == 0:
+                    state = adapter_state_dict(self.unet)
+                    if bad := [name for name, t in state.items() if not bool(torch.isfinite(t).all())]:
+                        raise RuntimeError(f"refusing to checkpoint a non-finite adapter: {bad[:3]} ...")
+                    extra = {"step": self.step, "digest": digest(state)}
+                    save_adapter(self.unet, staging / ADAPTER_DIR, model=self.model_config, extra=extra)
+            self.engine.save_checkpoint(
+                str(staging / DEEPSPEED_DIR),
+                tag=_tag(self.step),
+                client_state={_CLIENT_KEY: dict(client_state)},
+                exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source, not checkpointed
+            )
+
+        return save_atomically(root, self.step, self.rank, write, keep=keep)
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Resume from one ``checkpoint-<step>/``: adapter, optimizer state and step; returns the client state.
@@ -292,16 +287,7 @@ class LearnerRank:
             meta = read_adapter_metadata(directory / ADAPTER_DIR)
         except ValueError as err:
             raise ValueError(f"{directory} is not a learner checkpoint: {err}") from None
-        try:
-            path, states = self.engine.load_checkpoint(
-                str(directory / DEEPSPEED_DIR),
-                tag=_tag(int(meta.get("step", -1))),
-                load_module_strict=False,  # the frozen base was excluded on save
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-        except pickle.UnpicklingError as err:
-            raise checkpoint_files.CheckpointError(f"{directory}: refused to unpickle DeepSpeed state: {err}") from None
+        path, states = load_deepspeed_state(self.engine, directory / DEEPSPEED_DIR, int(meta.get("step", -1)))
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
         weights = self.adapter_weights()
@@ -336,6 +322,43 @@ class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(list(_DEEPSPEED_STATE_CLASSES)):
             return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_atomically(root: str | Path, step: int, rank: int, write: Callable[[Path], None], *, keep: int) -> Path:
+    """``<root>/checkpoint-<step>/`` from every rank's ``write(staging_folder)``; a collective; returns the folder.
+
+    Rank 0 prepares ``checkpoint-<step>.tmp``, every rank writes into it, and once all are done
+    rank 0 seals it (:func:`common.checkpoint_files.commit`: manifest last, rename, ``latest``,
+    keep the newest ``keep``).  ``root`` must be shared by all ranks.
+    """
+    staging = checkpoint_files.staging_path(root, step)
+    if rank == 0:
+        checkpoint_files.staging_dir(root, step)
+    dist.barrier()
+    write(staging)
+    dist.barrier()  # every rank's files are in place
+    if rank == 0:
+        checkpoint_files.commit(staging, keep=keep)
+    dist.barrier()  # nobody returns before the checkpoint exists
+    return checkpoint_files.checkpoint_dir(root, step)
+
+
+def load_deepspeed_state(engine: Any, directory: Path, step: int) -> tuple[str | None, dict[str, Any] | None]:
+    """``engine.load_checkpoint`` of tag ``step`` under ``directory`` (weights only; the caller verified the folder).
+
+    A pickle naming anything but tensors, containers and DeepSpeed's own records is a
+    :class:`~common.checkpoint_files.CheckpointError`; nothing in it runs.
+    """
+    try:
+        return engine.load_checkpoint(
+            str(directory),
+            tag=_tag(step),
+            load_module_strict=False,  # the frozen base was excluded on save
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    except pickle.UnpicklingError as err:
+        raise checkpoint_files.CheckpointError(f"{directory}: refused to unpickle DeepSpeed state: {err}") from None
 
 
 def _tag(step: int) -> str:

@@ -41,7 +41,7 @@ class Resumed:
     """Where :meth:`LearnerGroup.resume` resumed from, and the newer checkpoints it refused."""
 
     path: Path
-    client_state: dict[str, Any]
+    client_state: Any  # what the ranks' load_checkpoint returned (rank 0's)
     refused: tuple[tuple[str, str], ...]  # (checkpoint name, why), newest first
 
 
@@ -75,7 +75,18 @@ class RendezvousHost:
         return ray.util.get_node_ip_address()
 
 
-class _RankHost(RendezvousHost):
+class CheckpointHost:
+    """What a rank actor answers about the checkpoint folders its node sees (GDPO and pre-training ranks)."""
+
+    def checkpoints(self, root: str) -> list[str]:
+        """Committed checkpoints under ``root``, newest first (unverified: loading verifies)."""
+        return [str(p) for p in checkpoint_files.committed(root)]
+
+    def reject_checkpoint(self, directory: str) -> str:
+        return str(checkpoint_files.reject(directory))
+
+
+class _RankHost(RendezvousHost, CheckpointHost):
     """Body of a GDPO rank actor: builds its LearnerRank in :meth:`setup`, then forwards calls."""
 
     def __init__(self) -> None:
@@ -99,13 +110,6 @@ class _RankHost(RendezvousHost):
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         return self._rank.load_checkpoint(directory)
-
-    def checkpoints(self, root: str) -> list[str]:
-        """Committed checkpoints under ``root`` as this rank's node sees them, newest first."""
-        return [str(p) for p in checkpoint_files.committed(root)]
-
-    def reject_checkpoint(self, directory: str) -> str:
-        return str(checkpoint_files.reject(directory))
 
 
 class LearnerGroup:
@@ -185,25 +189,8 @@ class LearnerGroup:
         return states[0]
 
     def resume(self, root: str | Path) -> Resumed | None:
-        """Resume from the newest intact checkpoint under ``root``; None when there is none at all.
-
-        Checkpoints are tried newest first; one that fails verification or loading (torn,
-        changed, unsafe) is renamed ``<name>.rejected`` and the next older one is tried.  If
-        checkpoints exist but none is intact, that is an error, never a silent fresh start.
-        """
-        refused: list[tuple[str, str]] = []
-        for path in ray.get(self._ranks[0].checkpoints.remote(str(root))):
-            try:
-                state = self.load_checkpoint(path)
-            except ValueError as err:  # CheckpointError, also when Ray wraps it in a RayTaskError
-                refused.append((Path(path).name, str(getattr(err, "cause", err))))
-                ray.get(self._ranks[0].reject_checkpoint.remote(path))
-                continue
-            return Resumed(path=Path(path), client_state=state, refused=tuple(refused))
-        if refused:
-            reasons = "; ".join(f"{name}: {why}" for name, why in refused)
-            raise checkpoint_files.CheckpointError(f"no intact checkpoint under {root} (renamed *.rejected): {reasons}")
-        return None
+        """Every rank resumes from the newest intact checkpoint under ``root`` (see :func:`resume_ranks`)."""
+        return resume_ranks(self._ranks, root)
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group (safe to call twice)."""
@@ -262,6 +249,29 @@ def start_ranks(
         remove_placement_group(pg)
         raise
     return pg, ranks
+
+
+def resume_ranks(ranks: Sequence[Any], root: str | Path) -> Resumed | None:
+    """Load the newest intact checkpoint under ``root`` on every rank; None when there is none at all.
+
+    ``ranks`` are actors with :class:`CheckpointHost`'s methods and ``load_checkpoint(folder)``.
+    Checkpoints are tried newest first; one that fails verification or loading (torn, changed,
+    unsafe) is renamed ``<name>.rejected`` and the next older one is tried.  Checkpoints that
+    exist but are all refused are an error, never a silent fresh start.
+    """
+    refused: list[tuple[str, str]] = []
+    for path in ray.get(ranks[0].checkpoints.remote(str(root))):
+        try:
+            states = ray.get([r.load_checkpoint.remote(path) for r in ranks])
+        except ValueError as err:  # CheckpointError, also when Ray wraps it in a RayTaskError
+            refused.append((Path(path).name, str(getattr(err, "cause", err))))
+            ray.get(ranks[0].reject_checkpoint.remote(path))
+            continue
+        return Resumed(path=Path(path), client_state=states[0], refused=tuple(refused))
+    if refused:
+        reasons = "; ".join(f"{name}: {why}" for name, why in refused)
+        raise checkpoint_files.CheckpointError(f"no intact checkpoint under {root} (renamed *.rejected): {reasons}")
+    return None
 
 
 def push_weights(weights: AdapterWeights, rollout_actors: Sequence[Any]) -> PushResult:

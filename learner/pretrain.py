@@ -33,11 +33,11 @@ from common.preflight import load_or_exit, require_paths
 from common.ray_session import ResourceError, add_ray_arguments, init_ray, pool_request, settings_from_args
 from common.telemetry import MetricsConfig, PretrainTelemetry
 from learner.config import LearnerPoolConfig
-from learner.group import RendezvousHost, start_ranks
+from learner.group import CheckpointHost, RendezvousHost, resume_ranks, start_ranks
 from learner.pretrain_rank import PretrainConfig
 from sr_data.source import DataConfig
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoints"  # <output_dir>/checkpoints/checkpoint-<step>/ (common.checkpoint_files)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,13 +45,14 @@ class PretrainRunConfig:
     steps: int = 35_000  # paper: 35 K iterations
     output_dir: str = "runs/pretrain"
     export_dir: str = ""  # where the merged model goes; "" = <output_dir>/naosd
-    resume: bool = True  # continue from <output_dir>/checkpoint when it exists
+    resume: bool = True  # continue from the newest intact <output_dir>/checkpoints/checkpoint-<step>
     log_every: int = 10
     checkpoint_every: int = 1000  # 0 = only at the end
+    keep_checkpoints: int = 3  # newest checkpoint-<step> folders kept; 0 = all
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("steps >= 0, log_every >= 1 and checkpoint_every >= 0 are required")
+        if self.steps < 0 or self.log_every < 1 or self.checkpoint_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("steps >= 0, log_every >= 1, checkpoint_every >= 0 and keep_checkpoints >= 0 are required")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +88,7 @@ def load_pretrain_job(source: str, overrides: Sequence[str] = ()) -> PretrainJob
     return from_mapping(PretrainJob, load_mapping(source, overrides))
 
 
-class _PretrainHost(RendezvousHost):
+class _PretrainHost(RendezvousHost, CheckpointHost):
     """Body of a pre-training rank actor (DeepSpeed is imported here, in the actor, not in the driver)."""
 
     def setup(self, job: PretrainJob, *, rank: int, world: int, addr: str, port: int) -> None:
@@ -98,8 +99,8 @@ class _PretrainHost(RendezvousHost):
     def train_step(self) -> dict[str, float]:
         return self._rank.train_step()
 
-    def save_checkpoint(self, directory: str) -> None:
-        self._rank.save_checkpoint(directory)
+    def save_checkpoint(self, root: str, keep: int) -> str:
+        return str(self._rank.save_checkpoint(root, keep=keep))
 
     def load_checkpoint(self, directory: str) -> int:
         return self._rank.load_checkpoint(directory)
@@ -134,11 +135,13 @@ def pretrain(job: PretrainJob) -> dict[str, float]:
 
 
 def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: PretrainTelemetry) -> dict[str, float]:
-    checkpoint = out / CHECKPOINT_DIR
+    checkpoints, keep = str(out / CHECKPOINT_DIR), job.run.keep_checkpoints
     step = 0
-    if job.run.resume and checkpoint.is_dir():
-        step = ray.get([r.load_checkpoint.remote(str(checkpoint)) for r in ranks])[0]
-        print(f"resumed at step {step}", flush=True)
+    if job.run.resume and (resumed := resume_ranks(ranks, checkpoints)) is not None:
+        for name, why in resumed.refused:
+            print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
+        step = resumed.client_state
+        print(f"resumed from {resumed.path.name} at step {step}", flush=True)
     telemetry.step.set(step)
     stats: dict[str, float] = {}
     started, first = time.perf_counter(), step
@@ -156,8 +159,8 @@ def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: PretrainTele
             norms = " ".join(f"{k[10:]} {v:.3g}" for k, v in stats.items() if k.startswith("grad_norm_"))
             print(f"pretrain step {step}/{job.run.steps} | {terms} | grad {norms} | {rate:.1f} img/s", flush=True)
         if job.run.checkpoint_every and step % job.run.checkpoint_every == 0 and step < job.run.steps:
-            ray.get([r.save_checkpoint.remote(str(checkpoint)) for r in ranks])
-    ray.get([r.save_checkpoint.remote(str(checkpoint)) for r in ranks])
+            ray.get([r.save_checkpoint.remote(checkpoints, keep) for r in ranks])
+    ray.get([r.save_checkpoint.remote(checkpoints, keep) for r in ranks])
     exported = ray.get([r.export.remote(str(job.export_dir)) for r in ranks])[0]
     print(f"model written to {exported} (load it with model.naosd_path={exported})", flush=True)
     return stats

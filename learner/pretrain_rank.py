@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from common import checkpoint_files
 from common.naosd import ModelConfig
 from learner.pretrain_loss import ImageLoss, PretrainLossConfig
 from learner.pretrain_model import PretrainModelConfig, PretrainNAOSD
@@ -199,18 +200,28 @@ class PretrainRank:
                 self._prompts[prompt] = self.model.naosd.encode_prompts([prompt])
         return self._prompts[prompt]
 
-    def save_checkpoint(self, directory: str | Path) -> None:
-        """Every rank writes its DeepSpeed state (a collective); the step is the data position."""
-        self.engine.save_checkpoint(
-            str(Path(directory)), tag=f"step{self.step:08d}", client_state={_CLIENT_KEY: {"step": self.step}},
-            exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source
-        )  # fmt: skip
+    def save_checkpoint(self, root: str | Path, *, keep: int = 0) -> Path:
+        """Every rank writes its DeepSpeed state into ``<root>/checkpoint-<step>/``, atomically (a collective).
+
+        The step is the data position.  Same layout and rules as the GDPO learner's
+        (:func:`learner.engine.save_atomically`: manifest written last, rename, ``latest``, retention).
+        """
+        from learner.engine import save_atomically
+
+        def write(staging: Path) -> None:
+            self.engine.save_checkpoint(
+                str(staging), tag=f"step{self.step:08d}", client_state={_CLIENT_KEY: {"step": self.step}},
+                exclude_frozen_parameters=True,  # the frozen base is rebuilt from its source
+            )  # fmt: skip
+
+        return save_atomically(root, self.step, self.rank, write, keep=keep)
 
     def load_checkpoint(self, directory: str | Path) -> int:
-        """Resume from :meth:`save_checkpoint`; returns the step."""
-        path, states = self.engine.load_checkpoint(
-            str(Path(directory)), load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        """Resume from one ``checkpoint-<step>/`` (manifest verified first, weights only); returns the step."""
+        from learner.engine import load_deepspeed_state
+
+        checkpoint_files.verify(directory)
+        path, states = load_deepspeed_state(self.engine, Path(directory), checkpoint_files.step_of(directory))
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory}")
         saved = (states or {}).get(_CLIENT_KEY, {}).get("step")

@@ -161,9 +161,10 @@ def test_rank_resumes_exactly(tmp_path, free_port):
     assert [s["step"] for s in stats] == [1, 2, 3, 4] and all(math.isfinite(s["loss_total"]) for s in stats)
     first = PretrainRank(model, config, data, 0, 1, "127.0.0.1", free_port)
     first.train_step(), first.train_step()
-    first.save_checkpoint(tmp_path / "ckpt")
+    checkpoint = first.save_checkpoint(tmp_path)
+    assert checkpoint == tmp_path / "checkpoint-2"
     resumed = PretrainRank(model, config, data, 0, 1, "127.0.0.1", free_port)
-    assert resumed.load_checkpoint(tmp_path / "ckpt") == 2
+    assert resumed.load_checkpoint(checkpoint) == 2
     assert resumed.indices(2) == [4, 5]  # the data position is the step
     resumed.train_step(), resumed.train_step()
     want, got = straight.model.state_dict(), resumed.model.state_dict()
@@ -181,7 +182,7 @@ def test_pretrain_job_through_ray_resumes_and_gdpo_loads_its_output(ray_session,
     assert stats["step"] == 2 and math.isfinite(stats["loss_total"])
     stats = pretrain(load_pretrain_job("tiny_pretrain", [*overrides, "run.steps=3"]))
     printed = capsys.readouterr().out
-    assert "resumed at step 2" in printed and "pretrain step 3/3" in printed and stats["step"] == 3
+    assert "resumed from checkpoint-2 at step 2" in printed and "pretrain step 3/3" in printed and stats["step"] == 3
     model = build_naosd(ModelConfig(source="tiny", naosd_path=str(tmp_path / "naosd")))
     assert (tmp_path / "naosd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not torch.equal(model.unet.conv_in.weight, tiny_unet(0).conv_in.weight)
