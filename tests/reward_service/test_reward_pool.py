@@ -134,3 +134,18 @@ def test_bad_input_is_raised_not_retried(pool: RewardPool, rollout_batch: Batch)
     )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         pool.score([bad])
+
+
+def test_nonfinite_sr_samples_are_dropped_and_counted_not_raised(pool: RewardPool, rollout_batch: Batch) -> None:
+    """reward.nonfinite='drop' (the default): a NaN pixel costs its group, never the run."""
+    good = rollout_batch(n=3, g=3, seed=5, prefix="nan")
+    groups = decode_rollout(good)
+    sr = groups.sr.copy()
+    sr[1, 0, 2, 3, 4] = np.nan
+    bad = good.set_column(good.schema.get_field_index("sr"), "sr", pa.FixedShapeTensorArray.from_numpy_ndarray(sr))
+    (result,) = pool.score([bad])
+    assert result.stats.nonfinite_groups == 1 and result.stats.dropped_group_ids == (groups.group_id[1],)
+    assert decode_rollout(result.batch).group_id == (groups.group_id[0], groups.group_id[2])
+    assert np.isfinite(decode_rewards(result.batch).advantage).all()
+    values = pool.metric_values()
+    assert sum(v for k, v in values.items() if k.startswith("gdpo_reward_nonfinite_groups_total")) >= 1
