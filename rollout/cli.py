@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(to_mapping(job), sort_keys=False))
         return 0
     check_paths(job)  # before Ray: a wrong path is a one-line config error, not an actor's traceback
+    check_resume_or_exit(job)  # before Ray too: a resume that changes the model, data, seed or objective
     from common.ray_session import ResourceError, init_ray, settings_from_args
 
     try:
@@ -72,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"done: {summary.get('step', 0):.0f} steps in {seconds:.1f} s; outputs in {job.run.output_dir}")
     return 0
+
+
+def check_resume_or_exit(job: JobConfig) -> None:
+    from common.preflight import config_error
+    from rollout.resume import check_resume
+
+    try:
+        check_resume(job)
+    except ValueError as err:
+        config_error(err)
 
 
 def check_paths(job: JobConfig) -> None:

@@ -58,24 +58,30 @@ def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return changes
 
 
-def prepare_run_folder(job: JobConfig) -> Path:
-    """Check a resume against the saved config, keep the old config, write the new; returns ``config.yaml``.
+def check_resume(job: JobConfig) -> list[str]:
+    """The guarded changes a resume of ``job`` makes (empty when it starts fresh or changes none of them).
 
-    ValueError (naming every changed key) when a resume would change a :data:`GUARDED` key and
-    ``run.resume_force`` is off.
+    ValueError (naming every changed key, old -> new) when there are any and ``run.resume_force`` is off.
     """
     path = Path(job.run.output_dir) / CONFIG_FILE
+    if not path.is_file() or not will_resume(job):
+        return []
+    saved = yaml.safe_load(path.read_text()) or {}  # plain YAML only: nothing in it runs
+    changes = config_changes(saved, to_mapping(job))
+    if changes and not job.run.resume_force:
+        raise ValueError(
+            f"resuming {path.parent} would change what its checkpoints were made with ({'; '.join(changes)}); "
+            "use a new run.output_dir, or run.resume_force=true to resume anyway"
+        )
+    return changes
+
+
+def prepare_run_folder(job: JobConfig) -> Path:
+    """:func:`check_resume`, keep the old config as ``config.<time>.yaml``, write the new; returns ``config.yaml``."""
+    path = Path(job.run.output_dir) / CONFIG_FILE
+    if changes := check_resume(job):
+        print(f"run.resume_force: resuming despite changes: {'; '.join(changes)}", flush=True)
     if path.is_file():
-        if will_resume(job):
-            saved = yaml.safe_load(path.read_text()) or {}  # plain YAML only: nothing in it runs
-            if changes := config_changes(saved, to_mapping(job)):
-                listed = "; ".join(changes)
-                if not job.run.resume_force:
-                    raise ValueError(
-                        f"resuming {path.parent} would change what its checkpoints were made with ({listed}); "
-                        "use a new run.output_dir, or run.resume_force=true to resume anyway"
-                    )
-                print(f"run.resume_force: resuming despite changes: {listed}", flush=True)
         kept = _free_name(path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%S')}.yaml"))
         path.rename(kept)
         print(f"previous config kept as {kept}", flush=True)

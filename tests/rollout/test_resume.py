@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -48,6 +51,18 @@ def test_a_resume_that_changes_what_the_checkpoint_was_made_with_is_refused(tmp_
     section, leaf = key.split(".")
     old, new = (yaml.safe_load(p.read_text())[section][leaf] for p in (kept[0], tmp_path / CONFIG_FILE))
     assert str(new) == change.split("=")[1] and old != new
+
+
+def test_the_cli_refuses_a_changed_resume_before_ray_as_a_config_error(tmp_path):
+    prepare_run_folder(_job(tmp_path))
+    _fake_checkpoint(tmp_path)
+    args = ["--config", "tiny", f"run.output_dir={tmp_path}", "run.resume=true", "data.crop_size=32"]
+    out = subprocess.run([sys.executable, "-m", "rollout", *args], check=False, capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2], timeout=180)  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: resuming") and "data.crop_size: 64 -> 32" in last
+    assert "Traceback" not in out.stderr and "ray" not in out.stdout.lower()
 
 
 def test_unguarded_changes_and_fresh_runs_are_accepted(tmp_path):
