@@ -60,7 +60,7 @@ def test_dry_run_listens_on_loopback_only(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert len(seen) >= 5, f"too few listeners seen to mean anything: {seen}"  # GCS, raylet, workers, agents, ...
     exposed = sorted((a, p, names.get((a, p), "?")) for a, p in seen if not _loopback(a))
-    # Known, not Ray's: torch.distributed's TCPStore, which learner rank 0 serves for the gloo rendezvous,
-    # binds every interface (TCPStore takes no bind address, only a pre-bound socket; README "Ports").  Everything else must be loopback.
+    # Known, not Ray's: torch.distributed's TCPStore, which learner rank 0 serves for the gloo rendezvous, binds
+    # every interface (TCPStore takes no bind address, only a pre-bound socket; README "Ports").  All else: loopback.
     assert [e for e in exposed if e[2] != RENDEZVOUS_STORE_HOST] == [], f"listening beyond loopback: {exposed}"
     assert len(exposed) <= 1, f"more than the one rendezvous store beyond loopback: {exposed}"
