@@ -76,6 +76,9 @@ class Telemetry:
         self.nonfinite_steps = Counter(
             "gdpo_learner_nonfinite_steps_total", "Learner steps skipped for a non-finite loss or gradient", registry=r
         )
+        self.learner_restarts = Counter(
+            "gdpo_learner_restarts_total", "Learner groups rebuilt after a rank died", registry=r
+        )
         self.groups_zero_variance = Counter(
             "gdpo_groups_zero_variance_total", "Groups trained on whose G rewards were all equal", registry=r
         )

@@ -124,8 +124,9 @@ class LearnerGroup:
         ready_timeout_s: float | None = None,  # None: pool_config.start_timeout_s
     ) -> None:
         """Reserve resources, start the ranks and form the process group (blocks until it is formed)."""
-        self._config, self._pool = learner_config, pool_config
+        self._config, self._pool, self._model_config = learner_config, pool_config, model_config
         ready_timeout_s = pool_config.start_timeout_s if ready_timeout_s is None else ready_timeout_s
+        self._ready_timeout_s = ready_timeout_s
         self._pg: PlacementGroup | None = None
         self._ranks: list[Any] = []
         try:
@@ -191,6 +192,18 @@ class LearnerGroup:
     def resume(self, root: str | Path) -> Resumed | None:
         """Every rank resumes from the newest intact checkpoint under ``root`` (see :func:`resume_ranks`)."""
         return resume_ranks(self._ranks, root)
+
+    def restart(self) -> None:
+        """Kill every rank (a dead one leaves the others stuck in a collective) and start fresh ones in place.
+
+        The new ranks hold a freshly initialised adapter and optimizer: follow with :meth:`resume`.
+        """
+        self.shutdown()
+        try:
+            self._start(self._model_config, self._ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group (safe to call twice)."""

@@ -12,7 +12,9 @@ groups go to the reward pool; the learner takes ``groups_per_step`` scored
 groups per step.  In policy mode a group sampled with adapter ``v`` is trained
 on at learner version ``s`` only if ``s - v <= max_staleness``; older ones are
 dropped and counted.  A dead rollout worker is replaced and its groups
-re-issued (the reward pool retries on its own).  The data position (next index
+re-issued (the reward pool retries on its own); a dead learner rank gets the
+whole learner group rebuilt and resumed from the last checkpoint
+(``run.max_learner_restarts``).  The data position (next index
 plus the indices handed out but not yet trained on) is checkpointed with the
 learner, so a resumed run sees exactly the pairs it would have seen.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -48,15 +50,9 @@ from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
-from rollout.resume import checkpoint_root, prepare_run_folder
+from rollout.resume import DataPosition, checkpoint_root, prepare_run_folder, resume_learner
 from rollout.stop import StopSignals
 from rollout.validation import ValidationRunner
-
-
-@dataclass
-class DataPosition:
-    next_index: int = 0  # first data index never handed out
-    pending: list[int] = field(default_factory=list)  # handed out, not yet trained on or dropped
 
 
 def train(job: JobConfig) -> dict[str, float]:
@@ -93,7 +89,7 @@ def _train_loop(
     job: JobConfig, out: Path, telemetry: Telemetry, *, rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup,
     validation: ValidationRunner | None,
 ) -> dict[str, float]:  # fmt: skip
-    step, position = _resume(job, learner, telemetry)
+    step, position = resume_learner(learner, job, telemetry) if job.run.resume else (0, DataPosition())
     with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step in hand, checkpoint, stop
         summary = _run_steps(job, out, telemetry, step, position, stop, rollout=rollout, reward=reward, learner=learner,
                              validation=validation)  # fmt: skip
@@ -102,21 +98,6 @@ def _train_loop(
               f"the checkpoint is written: resume with run.resume=true", flush=True)  # fmt: skip
         summary["stopped_by_signal"] = float(stop.signum)
     return summary
-
-
-def _resume(job: JobConfig, learner: LearnerGroup, telemetry: Telemetry) -> tuple[int, DataPosition]:
-    """The step and data position of the newest intact checkpoint (refused newer ones are reported)."""
-    resumed = learner.resume(checkpoint_root(job)) if job.run.resume else None
-    if resumed is None:
-        return 0, DataPosition()
-    for name, why in resumed.refused:
-        print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
-    state = resumed.client_state
-    step, position = state["step"], DataPosition(**state["data"])
-    fallback = " (an older checkpoint: see above)" if resumed.refused else ""
-    print(f"resumed from {resumed.path.name}{fallback} at step {step}, data index {position.next_index}", flush=True)
-    telemetry.resumed(step)
-    return step, position
 
 
 def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
@@ -129,6 +110,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
         validation.after_step(step, partial(learner.adapter_weights, step))
     summary: dict[str, float] = {}
     started, waited, batch, first_step, nonfinite_in_row = time.perf_counter(), 0.0, None, step, 0
+    restarts, checkpointed = 0, job.run.resume  # what a learner recovery may resume from: this run's checkpoints
     while step < job.run.steps and not stop.requested:
         # Rollout: wait for a step's worth of scored groups (the only time the learner idles).
         wait_start = time.perf_counter()
@@ -139,7 +121,15 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
         waited += wait
         # Training: one optimizer step; rollout and reward keep working while it runs.
         step_start = time.perf_counter()
-        stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
+        try:
+            stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
+        except RayActorError as err:  # a learner rank died: rebuild the group, resume from the last checkpoint
+            restarts += 1
+            step, position = _recover_learner(job, learner, telemetry, err, restarts, checkpointed)
+            first_step = min(first_step, step)
+            pipeline = _Pipeline(job, rollout, reward, telemetry, position, stop)  # what was in flight is re-issued
+            pipeline.push(learner.adapter_weights(step))
+            continue
         step_seconds = time.perf_counter() - step_start
         step += 1
         nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
@@ -153,7 +143,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
             step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
         )  # fmt: skip
-        summary["rollout_restarts"] = float(sum(rollout.restarts))
+        summary["rollout_restarts"], summary["learner_restarts"] = float(sum(rollout.restarts)), float(restarts)
         if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
             first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
         else:
@@ -163,6 +153,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             _print_progress(summary)
         if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
             _checkpoint(learner, job, step, position)
+            checkpointed = True
     if validation:
         validation.finish()
     _checkpoint(learner, job, step, position)
@@ -218,10 +209,16 @@ class _Pipeline:
         return batch
 
     def run_until(self, pending: list[ray.ObjectRef], *, learner_version: int) -> list[ray.ObjectRef]:
-        """Keep sampling and scoring until the learner's ``pending`` calls are done."""
-        while len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) < len(pending):
+        """Keep sampling and scoring until the learner's ``pending`` calls are done.
+
+        Raises at once when one of them failed (a dead rank leaves the others waiting in a collective).
+        """
+        while True:
+            done = ray.wait(pending, num_returns=len(pending), timeout=0)[0]
+            ray.get(done)
+            if len(done) == len(pending):
+                return pending
             self._pump(learner_version)
-        return pending
 
     def push(self, weights: AdapterWeights) -> None:
         """Send an adapter to every worker without waiting: a worker applies it before its next call."""
@@ -298,6 +295,8 @@ class _Pipeline:
 
     def _on_scores(self, learner_version: int) -> None:
         for result in self.reward.poll(timeout=0.0 if self.calls else self.POLL_S):
+            if result.ticket not in self.scoring:  # sent by a pipeline a learner recovery replaced: re-issued
+                continue
             index_of, stats = self.scoring.pop(result.ticket), result.stats
             self.telemetry.groups_scored.inc(stats.groups_scored)
             self.telemetry.groups_dropped.labels(reason="nonfinite").inc(stats.nonfinite_groups)
@@ -337,6 +336,20 @@ class _Pipeline:
 def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition) -> None:
     state = {"step": step, "data": asdict(position)}
     learner.save_checkpoint(checkpoint_root(job), state, keep=job.run.keep_checkpoints)
+
+
+def _recover_learner(  # noqa: PLR0917
+    job: JobConfig, learner: LearnerGroup, telemetry: Telemetry, err: BaseException, restarts: int, checkpointed: bool
+) -> tuple[int, DataPosition]:
+    """Restart the learner group and resume it (from step 0 when this run has no checkpoint yet)."""
+    limit = job.run.max_learner_restarts
+    if restarts > limit:
+        raise RuntimeError(f"a learner rank died {restarts} times (run.max_learner_restarts={limit}): {err}") from err
+    print(f"a learner rank died ({type(err).__name__}); restarting the learner group ({restarts} of at most {limit}) "
+          "and resuming from the last checkpoint", flush=True)  # fmt: skip
+    telemetry.learner_restarts.inc()
+    learner.restart()
+    return resume_learner(learner, job, telemetry) if checkpointed else (0, DataPosition())
 
 
 def _check_finite(stats: dict[str, float], step: int, in_row: int, limit: int, telemetry: Telemetry) -> int:

@@ -54,6 +54,7 @@ class RunConfig:
     resume_force: bool = False  # resume even though model, data, rollout seed or objective changed
     keep_checkpoints: int = 3  # newest checkpoint-<step> folders kept; 0 = all
     max_nonfinite_steps: int = 3  # stop after this many skipped non-finite learner steps in a row; 0 = never
+    max_learner_restarts: int = 2  # a dead learner rank: rebuild the group and resume, at most this often
     log_every: int = 1
     validate_every: int = 0  # held-out validation and reward-hacking alarm every N steps; 0 = off
     sample_grid: bool = True  # write LR | samples with rewards | HR at the end
@@ -63,8 +64,8 @@ class RunConfig:
             raise ValueError("steps >= 0, groups_per_step >= 1 and log_every >= 1 are required")
         if self.validate_every < 0:
             raise ValueError(f"validate_every must be >= 0 (0 = off), got {self.validate_every}")
-        if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 0:
-            raise ValueError("keep_checkpoints >= 0 and max_nonfinite_steps >= 0 are required")
+        if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 0 or self.max_learner_restarts < 0:
+            raise ValueError("keep_checkpoints, max_nonfinite_steps and max_learner_restarts must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

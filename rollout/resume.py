@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import yaml
 
 from common import checkpoint_files
 from common.config import save_config, to_mapping
+from common.telemetry import Telemetry
+from learner.group import LearnerGroup
 from rollout.job import JobConfig
 
 CONFIG_FILE = "config.yaml"
@@ -39,6 +42,30 @@ GUARDED = (
     "reward.fixed_rho_s",
 )
 _ABSENT = object()
+
+
+@dataclass
+class DataPosition:
+    next_index: int = 0  # first data index never handed out
+    pending: list[int] = field(default_factory=list)  # handed out, not yet trained on or dropped
+
+
+def resume_learner(learner: LearnerGroup, job: JobConfig, telemetry: Telemetry) -> tuple[int, DataPosition]:
+    """Load the newest intact checkpoint into every rank; its step and data position (0 and fresh: none).
+
+    Newer checkpoints that were refused (torn, changed, unsafe) are reported and renamed.
+    """
+    resumed = learner.resume(checkpoint_root(job))
+    if resumed is None:
+        return 0, DataPosition()
+    for name, why in resumed.refused:
+        print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
+    state = resumed.client_state
+    step, position = state["step"], DataPosition(**state["data"])
+    fallback = " (an older checkpoint: see above)" if resumed.refused else ""
+    print(f"resumed from {resumed.path.name}{fallback} at step {step}, data index {position.next_index}", flush=True)
+    telemetry.resumed(step)
+    return step, position
 
 
 def checkpoint_root(job: JobConfig) -> Path:

@@ -173,3 +173,25 @@ def test_policy_sampling_trains_on_fresh_enough_samples(tmp_path):
     assert result["step"] == 3
     assert result["staleness_max"] <= 1  # never trained on samples more than max_staleness versions old
     assert result["policy_version_min"] >= 1  # the last step's groups came from an updated adapter
+
+
+def test_a_sigkilled_learner_rank_is_rebuilt_and_the_run_ends_as_if_nothing_happened(tmp_path, monkeypatch):
+    common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
+    straight = train(_job(tmp_path / "a", "run.steps=3", *common))
+    start_step, calls, killed = LearnerGroup.start_step, [], []
+
+    def sigkill_a_rank_then_start(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # step 3, after checkpoint-2: the rank dies as an OOM kill would take it
+            pid = ray.get(self._ranks[0].__ray_call__.remote(lambda actor: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return start_step(self, batch)
+
+    monkeypatch.setattr(LearnerGroup, "start_step", sigkill_a_rank_then_start)
+    recovered = train(_job(tmp_path / "b", "run.steps=3", *common))
+    assert killed and recovered["step"] == 3 and recovered["learner_restarts"] == 1
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    for key in a:  # resumed from checkpoint-2 with its data position: the uninterrupted run's adapter
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
+    assert recovered["loss"] == pytest.approx(straight["loss"], abs=1e-6)
