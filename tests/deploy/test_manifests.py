@@ -23,6 +23,8 @@ from rollout.job import JobConfig, load_job
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 POOL_RESOURCES = {"rollout": "gdpo_rollout", "reward": "gdpo_reward", "learner": "gdpo_learner"}
+# The shipped configs that run the whole pipeline at paper scale on a cluster (paper_pretrain: learner only).
+PAPER_SCALE_GDPO_JOBS = ["paper", "dpo", "oars", "rfsr"]
 
 
 def _rayjob() -> dict:
@@ -114,11 +116,14 @@ def test_podmonitor_selects_the_driver_pod_and_port():
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
 
 
-def test_ray_up_cluster_declares_the_pool_resources_and_holds_the_paper_job():
+@pytest.mark.parametrize("name", PAPER_SCALE_GDPO_JOBS)
+def test_ray_up_cluster_declares_the_pool_resources_and_holds_each_paper_scale_job(name):
     config = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
     types = config["available_node_types"]
     assert config["head_node_type"] in types
-    job = load_job("paper", ["model.sd_path=/models/sd"])
+    job = load_job(name, ["model.sd_path=/models/sd"])
+    for pool, resource in POOL_RESOURCES.items():  # without it a pool may land on any node, the head included
+        assert dict(getattr(job.cluster, pool).resources) == {resource: 1.0}, f"{name}: cluster.{pool}"
     nodes = []
     for name, node_type in types.items():
         if name == config["head_node_type"]:
@@ -165,7 +170,7 @@ def test_submit_script_works_from_any_directory(tmp_path):
     assert args[args.index("--") :] == ["--", "python", "-m", "rollout", "--config", "paper", "learner.lr=1e-5"]
 
 
-@pytest.mark.parametrize("name", ["paper", "paper_pretrain"])
+@pytest.mark.parametrize("name", [*PAPER_SCALE_GDPO_JOBS, "paper_pretrain"])
 def test_cluster_configs_bind_metrics_for_prometheus_and_defaults_stay_on_loopback(name):
     from common.config import load_mapping
     from common.telemetry import MetricsConfig
