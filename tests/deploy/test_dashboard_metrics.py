@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from common import telemetry
 from common.telemetry import Telemetry
@@ -19,6 +21,8 @@ _NAME = re.compile(r"\b(gdpo_[a-z0-9_]+)\b")
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
+# The labels Prometheus adds to every scraped series (the dashboard must not join across them by accident).
+_TARGET_LABELS = {"job": "gdpo", "instance": "driver:9464"}
 
 
 def exported_series() -> set[str]:
@@ -70,3 +74,49 @@ def test_the_dashboard_is_importable_grafana_json():
         assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
         assert all(t["refId"] for t in panel["targets"])
     assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+
+
+def synthetic_series() -> list[str]:
+    """Every series the driver serves once each labelled metric has two children, with the target labels."""
+    driver = Telemetry()
+    pool = PoolMetrics(driver.registry)
+    metrics = [m for owner in (driver, pool) for m in vars(owner).values() if isinstance(m, MetricWrapperBase)]
+    for metric in metrics:
+        names = metric._labelnames  # prometheus-client has no public accessor for a metric's label names
+        for value in ("a", "b") if names else ():
+            metric.labels(**{name: value for name in names})  # creates the child series
+    series = []
+    for family in driver.registry.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                labels = {**sample.labels, **_TARGET_LABELS}
+                series.append(sample.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}")
+    return series
+
+
+def _dashboard_queries_test(exprs: list[str]) -> dict:
+    """A promtool unit test: on rising synthetic series, each expression returns at least one sample."""
+    inputs = [{"series": name, "values": "0+1x20"} for name in synthetic_series()]
+    # count() of a non-empty result is >= 1 (NaN values count too), of an empty one is empty.
+    one = [{"labels": "{}", "value": 1}]
+    checks = [{"expr": f"clamp_max(count(({expr})), 1)", "eval_time": "10m", "exp_samples": one} for expr in exprs]
+    return {"tests": [{"interval": "1m", "input_series": inputs, "promql_expr_test": checks}]}
+
+
+def _run_promtool_test(promtool: str, tmp_path: Path, exprs: list[str]) -> subprocess.CompletedProcess:
+    test_file = tmp_path / "dashboard_test.yml"
+    test_file.write_text(yaml.safe_dump(_dashboard_queries_test(exprs), width=1000))
+    return subprocess.run([promtool, "test", "rules", str(test_file)], check=False, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_every_dashboard_query_returns_data(promtool, tmp_path):
+    """A query can name only exported metrics and still match nothing (a join across different labels)."""
+    out = _run_promtool_test(promtool, tmp_path, dashboard_exprs())
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_label_mismatch_in_a_query_is_caught(promtool, tmp_path):
+    """What the test above relies on: a gauge without labels plus a sum() (labels differ) matches nothing."""
+    out = _run_promtool_test(promtool, tmp_path, ["gdpo_reward_pending_batches + sum(gdpo_reward_queue_depth)"])
+    assert out.returncode != 0 and "gdpo_reward_pending_batches" in out.stdout + out.stderr
