@@ -114,6 +114,12 @@ def test_podmonitor_selects_the_driver_pod_and_port():
     labels = monitor["spec"]["selector"]["matchLabels"]
     assert labels.items() <= head["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    # The job label Prometheus gives the driver's series must be one GDPOMetricsDown's `up{job=~...}` selects.
+    job = head["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    job_regex = re.search(r'up\{job=~"([^"]+)"\}', alerts).group(1)
+    for name in (job, f"default/{monitor['metadata']['name']}"):  # the jobLabel's, the Operator's default
+        assert re.fullmatch(job_regex, name), f"GDPOMetricsDown never matches job={name!r}"
 
 
 @pytest.mark.parametrize("name", PAPER_SCALE_GDPO_JOBS)
