@@ -122,14 +122,14 @@ def test_podmonitor_selects_the_driver_pod_and_port():
         assert re.fullmatch(job_regex, name), f"GDPOMetricsDown never matches job={name!r}"
 
 
-@pytest.mark.parametrize("name", PAPER_SCALE_GDPO_JOBS)
-def test_ray_up_cluster_declares_the_pool_resources_and_holds_each_paper_scale_job(name):
+@pytest.mark.parametrize("config_name", PAPER_SCALE_GDPO_JOBS)
+def test_ray_up_cluster_declares_the_pool_resources_and_holds_each_paper_scale_job(config_name):
     config = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
     types = config["available_node_types"]
     assert config["head_node_type"] in types
-    job = load_job(name, ["model.sd_path=/models/sd"])
+    job = load_job(config_name, ["model.sd_path=/models/sd"])
     for pool, resource in POOL_RESOURCES.items():  # without it a pool may land on any node, the head included
-        assert dict(getattr(job.cluster, pool).resources) == {resource: 1.0}, f"{name}: cluster.{pool}"
+        assert dict(getattr(job.cluster, pool).resources) == {resource: 1.0}, f"{config_name}: cluster.{pool}"
     nodes = []
     for name, node_type in types.items():
         if name == config["head_node_type"]:
