@@ -37,13 +37,16 @@ def config_error(err: BaseException | str) -> NoReturn:
 
 def missing_paths(
     *, dirs: Mapping[str, str] | None = None, paths: Mapping[str, str] | None = None,
-    sd_dirs: Mapping[str, str] | None = None,
+    sd_dirs: Mapping[str, str] | None = None, files: Mapping[str, str] | None = None,
 ) -> list[str]:  # fmt: skip
-    """Problems with the non-empty ``{config key: path}`` entries: folders, files or folders, SD folders."""
+    """Problems with the non-empty ``{config key: path}`` entries: folders, files or folders, SD folders, files."""
     problems = []
     for key, value in (dirs or {}).items():
         if value and not Path(value).is_dir():
             problems.append(f"{key}={value}: no such folder")
+    for key, value in (files or {}).items():
+        if value and not Path(value).is_file():
+            problems.append(f"{key}={value}: no such file")
     for key, value in (paths or {}).items():
         if value and not Path(value).exists():
             problems.append(f"{key}={value}: no such file or folder")

@@ -89,12 +89,17 @@ def check_paths(job: JobConfig) -> None:
     """Every local path the job names must exist (on this node: the driver's view of shared storage)."""
     from common.preflight import require_paths
 
-    model = job.model
+    model, feedback = job.model, job.learner.reward_feedback
+    # RFSR's learner loads its own weights (LearnerConfig requires the VGG16 file when features=vgg16).
+    rfsr = job.learner.objective == "reward_feedback"
     require_paths(
         sd_dirs={"model.sd_path": model.sd_path},
         paths={"model.naosd_path": model.naosd_path},
-        dirs={"data.hr_dir": job.data.hr_dir, "reward.weights_dir": job.reward.weights_dir},
-    )
+        files={"learner.reward_feedback.vgg_weights_path":
+               feedback.vgg_weights_path if rfsr and feedback.features == "vgg16" else ""},
+        dirs={"data.hr_dir": job.data.hr_dir, "reward.weights_dir": job.reward.weights_dir,
+              "learner.reward_feedback.weights_dir": feedback.weights_dir if rfsr else ""},
+    )  # fmt: skip
 
 
 def pool_requests(cluster: ClusterConfig, validation: ValidationConfig | None = None) -> list[PoolRequest]:

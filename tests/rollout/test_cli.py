@@ -13,7 +13,7 @@ import pytest
 from common import ray_session
 from common.preflight import missing_paths
 from common.ray_session import PoolRequest, RaySettings, ResourceError, check_resources, pool_request
-from rollout.cli import pool_requests
+from rollout.cli import check_paths, pool_requests
 from rollout.job import load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +132,38 @@ def test_missing_paths_name_the_key(tmp_path):
         "data.hr_dir=/nope: no such folder",
         f"model.sd_path={tmp_path / 'sd'}: not a diffusers SD folder (no vae, text_encoder, tokenizer, scheduler)",
     ]
+
+
+def test_rfsr_weight_paths_are_checked_before_ray(tmp_path, capsys):
+    """objective=reward_feedback: the VGG16 file (features=vgg16) and the metric's weights_dir must exist."""
+    rfsr = ["learner.reward_feedback.features=vgg16", f"learner.reward_feedback.vgg_weights_path={tmp_path}",
+            "learner.reward_feedback.weights_dir=/no/pyiqa"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        check_paths(load_job("tiny_rfsr", rfsr))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "config error: learner.reward_feedback.weights_dir=/no/pyiqa: no such folder; "
+        f"learner.reward_feedback.vgg_weights_path={tmp_path}: no such file"
+    )
+    weights = tmp_path / "vgg16.pth"
+    weights.write_bytes(b"")
+    (tmp_path / "pyiqa").mkdir()
+    check_paths(load_job("tiny_rfsr", [rfsr[0], f"learner.reward_feedback.vgg_weights_path={weights}",
+                                       f"learner.reward_feedback.weights_dir={tmp_path / 'pyiqa'}"]))  # fmt: skip
+    # features=tiny_conv never reads the VGG file; another objective never reads either
+    check_paths(load_job("tiny_rfsr", ["learner.reward_feedback.vgg_weights_path=/no/vgg.pth"]))
+    check_paths(load_job("tiny", ["learner.reward_feedback.vgg_weights_path=/no/vgg.pth",
+                                  "learner.reward_feedback.weights_dir=/no/pyiqa"]))  # fmt: skip
+
+
+def test_a_missing_rfsr_vgg_file_is_a_one_line_config_error_before_ray():
+    out = _run_cli("--config", "tiny_rfsr", "learner.reward_feedback.features=vgg16",
+                   "learner.reward_feedback.vgg_weights_path=/no/vgg16.pth")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "config error: learner.reward_feedback.vgg_weights_path=/no/vgg16.pth: no such file"
+    )
+    assert "ray:" not in out.stdout and "Traceback" not in out.stderr
 
 
 def test_yaml_with_a_python_tag_is_a_one_line_config_error(tmp_path):
