@@ -114,7 +114,7 @@ class HeldoutValidator:
 
         start, cfg = time.perf_counter(), self.config
         images = sample_fixed_noise(self.model, self.lr, cfg.samples, cfg.seed, cfg.prompt)
-        scored = reward_metrics(self.reward, images, self.hr)
+        scored = reward_metrics(self.reward, images, self.hr, self.lr)
         metrics = {"reward": scored.pop("reward"), **{f"reward.{k}": v for k, v in scored.items()}}
         metrics.update(image_metrics(images, self.hr))
         return ValidationRecord(step=step, version=self.version, seconds=time.perf_counter() - start, metrics=metrics)

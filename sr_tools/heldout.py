@@ -9,8 +9,9 @@ Shared by the learning benchmark (``benchmarks/bench_learning.py``) and the trai
 - :func:`sample_fixed_noise`: NAOSD samples whose noise depends on (seed, crop) only, so two models (or
   one model before and after training) see identical noise;
 - :func:`image_metrics`: PSNR-Y, SSIM-Y and a sharpness ratio (metrics the reward need not contain);
-- :func:`reward_metrics`: the reward's own metric callables and the absolute ARF reward (Eq. 7 on each
-  metric's fixed score range instead of the group's min-max, so values compare across calls).
+- :func:`reward_metrics`: the reward's own metric callables and an absolute reward (ARF: Eq. 7 on each
+  metric's fixed score range instead of the group's min-max, so values compare across calls; OARS's
+  process-aware reward is absolute as it stands).
 """
 
 from __future__ import annotations
@@ -104,13 +105,23 @@ def image_metrics(images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
     }
 
 
-def reward_metrics(worker: RewardWorker, images: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
-    """The reward's metrics (raw means) and the absolute ARF reward of ``images [N, S, 3, H, W]``."""
-    result = worker.score_images(images, hr)
-    is_fr = np.array([m.full_reference for m in worker.metrics])
-    lower = np.array([m.lower_better for m in worker.metrics])
-    ranges = np.array([m.score_range for m in worker.metrics], np.float64).reshape(-1, 2)
-    absolute = arf_reward(range_normalise(result.metric_raw, ranges, lower), is_fr, result.rho_s, result.rho_d)
+def reward_metrics(
+    worker: RewardWorker, images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor | None = None
+) -> dict[str, float]:
+    """The reward's metrics (raw means) and an absolute reward of ``images [N, S, 3, H, W]``.
+
+    ARF: Eq. 7 on each metric's fixed score range.  OARS's process-aware reward is absolute already (its
+    scores are mapped onto fixed scales, SPEC section 10), so it is the reward the worker computes; it also
+    scores the LR input, so ``lr [N, 3, H, W]`` is required for ``reward.kind='process_aware'``.
+    """
+    result = worker.score_images(images, hr, lr)
+    if worker.config.kind == "process_aware":
+        absolute = result.reward
+    else:
+        is_fr = np.array([m.full_reference for m in worker.metrics])
+        lower = np.array([m.lower_better for m in worker.metrics])
+        ranges = np.array([m.score_range for m in worker.metrics], np.float64).reshape(-1, 2)
+        absolute = arf_reward(range_normalise(result.metric_raw, ranges, lower), is_fr, result.rho_s, result.rho_d)
     out = {"reward": float(absolute.mean())}
     for j, name in enumerate(worker.metric_names):
         out[name] = float(result.metric_raw[:, j].mean())

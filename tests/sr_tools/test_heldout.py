@@ -55,3 +55,20 @@ def test_absolute_reward_is_the_range_normalised_metric():
     images = torch.full((2, 3, 3, 16, 16), 0.25)
     out = reward_metrics(worker, images, torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     assert out == pytest.approx({"reward": 0.25, "mean_value": 0.25})
+
+
+def test_process_aware_reward_is_absolute_and_scores_the_lr():
+    # OARS (SPEC section 10): F = 0.5 (FR on [0, 1]), Q = 1 + 4 * mean pixel (NR on [0, 1] onto 1..5):
+    # SR of 0.75 -> Q_sr = 4, LR of 0.25 -> Q_lr = 2; R = F Q_lr + F^(Q_lr / 7) (Q_sr - Q_lr).
+    fidelity = MetricFn(name="half", fn=lambda sr, hr: torch.full((sr.shape[0],), 0.5), score_range=(0.0, 1.0),
+                        full_reference=True)  # fmt: skip
+    quality = MetricFn(name="mean_value", fn=lambda sr, hr: sr.mean((1, 2, 3)), score_range=(0.0, 1.0))
+    config = RewardConfig(kind="process_aware", fr_metrics=("half",), nr_metrics=("mean_value",))
+    worker = RewardWorker(config, [fidelity, quality])
+    images, hr = torch.full((2, 3, 3, 16, 16), 0.75), torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    lr = torch.full((2, 3, 16, 16), 0.25)
+    out = reward_metrics(worker, images, hr, lr)
+    assert out["reward"] == pytest.approx(0.5 * 2 + 0.5 ** (2 / 7) * (4 - 2))
+    assert out["half"] == pytest.approx(0.5) and out["mean_value"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="pass lr"):
+        reward_metrics(worker, images, hr)
