@@ -50,12 +50,17 @@ def test_gram_kl_by_hand():
 
 def test_loss_by_hand():
     sr, hr = torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), 0.25)
+    sr_ref = torch.zeros(1, 3, 2, 2)
+    sr_ref[0, 0, 0, 0] = 2.0  # Gram 2^2 / (h w) = 1 at (0, 0), 0 elsewhere; sr's Gram is 0.25 everywhere
     config = RewardFeedbackConfig(lambda_reward=1.0, lambda_ll=2.0, lambda_gram=3.0, features="tiny_conv")
-    out = reward_feedback_loss(sr, sr.clone(), hr, reward=lambda x: x.mean(dim=(1, 2, 3)),
+    out = reward_feedback_loss(sr, sr_ref, hr, reward=lambda x: x.mean(dim=(1, 2, 3)),
                                features=lambda x: [x], config=config)  # fmt: skip
-    # R = 0.5; |LL(sr) - LL(hr)| = 2 * 0.5 - 2 * 0.25 = 0.5; KL(sr_ref = sr) = 0
-    assert out.loss.item() == pytest.approx(-1.0 * 0.5 + 2.0 * 0.5 + 3.0 * 0.0)
-    assert (out.reward.item(), out.ll_l1.item(), out.gram_kl.item()) == pytest.approx((0.5, 0.5, 0.0), abs=1e-7)
+    # R = 0.5; |LL(sr) - LL(hr)| = 2 * 0.5 - 2 * 0.25 = 0.5;
+    # KL(q || p), p = softmax(sr's Gram) = 1/9 each, q = softmax(sr_ref's Gram) = (e, 1, ..., 1) / (e + 8):
+    # sum q log q + log 9 = e / (e + 8) - log(e + 8) + log 9 (~0.0789, > 0)
+    kl = math.e / (math.e + 8) - math.log(math.e + 8) + math.log(9)
+    assert (out.reward.item(), out.ll_l1.item(), out.gram_kl.item()) == pytest.approx((0.5, 0.5, kl), abs=1e-6)
+    assert out.loss.item() == pytest.approx(-1.0 * 0.5 + 2.0 * 0.5 + 3.0 * kl, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
