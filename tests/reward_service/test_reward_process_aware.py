@@ -55,6 +55,20 @@ def test_score_groups_by_hand():
     np.testing.assert_allclose(out.metric_norm[0], [[0.9, 0.7], [4.2, 2.6], [3.0, 3.0]])
 
 
+def test_the_group_filter_reads_r_over_the_top_of_the_quality_scale():
+    """mean > 0.9 and std < 0.05 of R / 5 (SPEC section 10): not of the raw R, nor of (R - 1) / 4."""
+    # Full fidelity (DISTS 0), so R = Q_sr = 5 - 4 PIQE / 100 exactly.
+    nr_sr = np.array([[11.25, 11.0], [50.0, 49.75]])
+    kw = {"fr_range": (0.0, 1.0), "fr_lower_better": True, "nr_range": (0.0, 100.0), "nr_lower_better": True,
+          "gamma": 7.0, "scale": (1.0, 5.0)}  # fmt: skip
+    out = score_process_aware(np.zeros((2, 2)), nr_sr, np.array([50.0, 50.0]), **kw, filter_mean=0.9, filter_std=0.05)
+    np.testing.assert_allclose(out.reward, [[4.55, 4.56], [3.0, 3.01]], rtol=1e-12)
+    # group 0: R / 5 has mean 0.911 (> 0.9) and std 0.0014, filtered; (R - 1) / 4 has mean 0.889 and would not be.
+    # group 1: R / 5 has mean 0.601, kept; the raw R (mean 3.005, std 0.007) would be filtered.
+    assert out.filtered.tolist() == [True, False]
+    assert out.keep.tolist() == [False, True]
+
+
 def test_nonfinite_groups_are_dropped_not_propagated():
     out = score_process_aware(
         np.array([[0.1, np.nan]]), np.array([[1.0, 2.0]]), np.array([3.0]), fr_range=(0.0, 1.0), fr_lower_better=True,
