@@ -7,11 +7,20 @@ import pyarrow as pa
 import pytest
 import torch
 
-from common.naosd import ModelConfig
-from common.records import GroupRewards, RolloutGroups, append_rewards, decode_rollout, encode_rollout
+from common.naosd import ModelConfig, lora_parameters
+from common.records import (
+    GroupRewards,
+    RolloutGroups,
+    append_rewards,
+    decode_rewards,
+    decode_rollout,
+    encode_rollout,
+)
 from common.weights import adapter_state_dict, build_naosd
 from learner.config import LearnerConfig
+from learner.dpo_loss import dpo_loss
 from learner.engine import LearnerRank, loss_noise
+from learner.gdpo_loss import gdpo_loss
 from learner.reward_feedback import RewardFeedbackConfig
 from learner.reward_feedback_model import build_reward_feedback, reward_feedback_objective
 
@@ -77,3 +86,27 @@ def test_reward_feedback_step_computes_the_pure_objective(free_port):
     assert stats["loss"] == pytest.approx(float(out.loss), rel=1e-5)
     assert stats["feedback_reward"] == pytest.approx(float(out.reward.mean()), rel=1e-5)
     assert stats["ll_l1"] == pytest.approx(float(out.ll_l1.mean()), rel=1e-5)
+
+
+def test_dpo_step_computes_dpo_loss(free_port):
+    """The rank's DPO loss is :func:`dpo_loss` on the record's latents and rewards and the loss noise, not GDPO's."""
+    config = LearnerConfig(objective="dpo", micro_batch_groups=1)
+    rank = LearnerRank(ModelConfig(), config, 0, 1, "127.0.0.1", free_port)
+    with torch.no_grad():  # a policy that differs from the reference: at B = 0 every preference loss is log 2
+        for name, p in lora_parameters(rank.unet).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.02)
+    batch = _batch()
+    groups, rewards = decode_rollout(batch), decode_rewards(batch)
+    model = build_naosd(ModelConfig())
+    model.unet.load_state_dict(rank.unet.state_dict())
+    shared = {"latents": torch.tensor(groups.latents), "text_emb": torch.tensor(groups.text_emb),
+              "noise": loss_noise(config.seed, groups.seed, 0, tuple(groups.latents.shape[1:])),
+              "alphas_cumprod": model.alphas_cumprod, "config": config.loss}  # fmt: skip
+    with torch.no_grad():
+        dpo = dpo_loss(model.unet, **shared, rewards=torch.tensor(rewards.reward))
+        gdpo = gdpo_loss(model.unet, **shared, advantages=torch.tensor(rewards.advantage))
+    assert float(gdpo.loss) != pytest.approx(float(dpo.loss), rel=1e-3), "the batch must tell DPO from GDPO"
+    stats = rank.train_step(batch)
+    assert stats["loss"] == pytest.approx(float(dpo.loss), rel=1e-5)
+    assert stats["inside_mean"] == pytest.approx(float(dpo.inside.mean()), rel=1e-5)
