@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,34 @@ def test_dockerfile_is_pinned_and_installs_from_the_constraints():
     assert installs and all("-c constraints.txt" in line for line in installs)
     assert "python3.11" in text  # the interpreter the pins were verified with
     assert ":latest" not in text
+
+
+def _dockerfile_runs() -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", "")  # Docker joins continued lines
+    return [line.removeprefix("RUN ") for line in text.splitlines() if line.startswith("RUN ")]
+
+
+@pytest.mark.slow
+def test_the_image_check_passes_on_a_non_editable_install_outside_the_tree(tmp_path):
+    """The Dockerfile's last check as the image runs it: from /, on the installed package (configs, tiny model)."""
+    (run,) = [r for r in _dockerfile_runs() if "--no-deps" in r]
+    _, check = run.split(" && cd / && ", 1)  # not from the source tree, which would shadow the package
+    assert check.startswith("python -c ") and "build_naosd" in check and "load_job" in check, check
+    src, site = tmp_path / "src", tmp_path / "site"
+    for package in ("common", "sr_data", "sr_tools", "rollout", "learner", "reward_service"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target",
+                    str(site), str(src)], check=True, timeout=300, capture_output=True)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import common; print(common.__file__)"], cwd="/", env=env,
+                           check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert where.stdout.strip() == str(site / "common" / "__init__.py")
+    python_c = shlex.split(check)  # ["python", "-c", code]
+    out = subprocess.run([sys.executable, *python_c[1:]], cwd="/", env=env, check=False, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
 
 
 def test_submit_script_works_from_any_directory(tmp_path):
