@@ -41,7 +41,7 @@ EMBEDDED_ROOT = "<embedded scikit-image photos>"
 _ALL = {**EMBEDDED_IMAGES, **EMBEDDED_HELDOUT}
 
 
-def _load_embedded(image_id: str) -> np.ndarray:
+def load_embedded(image_id: str) -> np.ndarray:
     """``[H, W, 3]`` uint8; grey photographs are repeated over three channels."""
     import skimage.data
 
@@ -59,9 +59,10 @@ def load_heldout(image_id: str) -> np.ndarray:
     """A held-out photo ``[H, W, 3]`` uint8 (raises ``KeyError`` for a training image)."""
     if image_id not in EMBEDDED_HELDOUT:
         raise KeyError(f"{image_id!r} is not a held-out image; held out: {sorted(EMBEDDED_HELDOUT)}")
-    return _load_embedded(image_id)
+    return load_embedded(image_id)
 
 
-def _embedded_where(image_id: str) -> str:
+def embedded_where(image_id: str) -> str:
+    """Where an embedded photo comes from, e.g. ``skimage.data.astronaut()``: the key of a skipped image."""
     name, item = _ALL[image_id]
     return f"skimage.data.{name}()" + ("" if item is None else f"[{item}]")

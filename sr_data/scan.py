@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import numpy as np
 from PIL import Image
 
-from sr_data.embedded_images import EMBEDDED_IMAGES, _embedded_where, _load_embedded
+from sr_data.embedded_images import EMBEDDED_IMAGES, embedded_where, load_embedded
 from sr_data.images import has_transparent_pixels
 
 if TYPE_CHECKING:
@@ -204,10 +204,10 @@ def scan_embedded(config: DataConfig, root: str) -> tuple[Scan, dict[str, np.nda
     scan, arrays = Scan(root=root, found=len(EMBEDDED_IMAGES)), {}
     for image_id in EMBEDDED_IMAGES:
         try:
-            array = _load_embedded(image_id)  # e.g. a future scikit-image that needs pooch for this file
+            array = load_embedded(image_id)  # e.g. a future scikit-image that needs pooch for this file
             upscale = check_size(config, *array.shape[:2])
         except Exception as err:
-            scan.skip(_embedded_where(image_id), err)
+            scan.skip(embedded_where(image_id), err)
             continue
         if upscale:
             scan.upscaled[image_id] = array.shape[:2]

@@ -72,8 +72,8 @@ from sr_data.degradation import DegradationConfig
 from sr_data.embedded_images import (
     EMBEDDED_IMAGES,  # noqa: F401 (re-exported: the embedded default set)
     EMBEDDED_ROOT,
-    _embedded_where,
-    _load_embedded,
+    embedded_where,
+    load_embedded,
 )
 from sr_data.images import fit_crop, rgb_array
 from sr_data.lr_synthesis import bicubic_degrade, realesrgan_degrade
@@ -316,7 +316,7 @@ class PairSource:
                 return entry, self._read(entry)
             except Exception as err:  # damaged past the header, transparent: skip it from now on, draw the next
                 self._bad.add(slot)
-                self._scan.skip(_embedded_where(entry.ref) if entry.embedded else entry.image_id, err)
+                self._scan.skip(embedded_where(entry.ref) if entry.embedded else entry.image_id, err)
         raise NoUsableImages(
             f"no readable image left in {self.root}: all {n} indexed images failed to decode or were unusable"
             f"{describe_skips(self.skipped.values())}"
@@ -326,7 +326,7 @@ class PairSource:
         """``[H, W, 3]`` uint8 RGB with a shorter side of at least ``crop_size``."""
         if entry.embedded:
             if entry.ref not in self._cache:
-                self._cache[entry.ref] = _read_only(fit_crop(_load_embedded(entry.ref), self.config.crop_size))
+                self._cache[entry.ref] = _read_only(fit_crop(load_embedded(entry.ref), self.config.crop_size))
             return self._cache[entry.ref]
         with Image.open(entry.ref) as im:
             check_pixels(self.config, im)

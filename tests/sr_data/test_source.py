@@ -12,7 +12,7 @@ from PIL import Image
 
 from common.config import from_mapping
 from sr_data import lr_synthesis
-from sr_data.embedded_images import EMBEDDED_HELDOUT, _load_embedded, load_heldout
+from sr_data.embedded_images import EMBEDDED_HELDOUT, load_embedded, load_heldout
 from sr_data.source import EMBEDDED_IMAGES, DataConfig, PairSource, TrainingPair, bicubic_degrade
 from tests.sr_data.conftest import CROP
 from tests.sr_data.conftest import photo as _photo
@@ -55,7 +55,7 @@ def test_embedded_set_loads_offline(embedded: PairSource) -> None:
 
 
 def test_grey_photos_become_three_equal_channels_and_held_out_ones_stay_out_of_training() -> None:
-    grey = _load_embedded("camera")
+    grey = load_embedded("camera")
     assert grey.shape == (512, 512, 3) and (grey[..., 0] == grey[..., 2]).all()
     assert load_heldout("coffee").shape == (400, 600, 3)
     with pytest.raises(KeyError, match="not a held-out image"):
@@ -79,18 +79,18 @@ def test_embedded_small_photos_are_skipped_at_512_unless_upscaling_is_allowed() 
 def test_embedded_photo_that_fails_to_load_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     from sr_data import scan as data
 
-    real = data._load_embedded
+    real = data.load_embedded
 
     def flaky(image_id: str) -> np.ndarray:
         if image_id == "retina":
             raise ModuleNotFoundError("pooch is needed to download retina")
         return real(image_id)
 
-    monkeypatch.setattr(data, "_load_embedded", flaky)
+    monkeypatch.setattr(data, "load_embedded", flaky)
     source = PairSource(DataConfig(crop_size=CROP))
     assert len(source) == len(EMBEDDED_IMAGES) - 1 and "retina" not in source.image_ids
     assert "pooch" in source.skipped["skimage.data.retina()"].detail
-    monkeypatch.setattr(data, "_load_embedded", lambda image_id: flaky("retina"))
+    monkeypatch.setattr(data, "load_embedded", lambda image_id: flaky("retina"))
     with pytest.raises(ValueError, match="hr_dir"):
         PairSource(DataConfig(crop_size=CROP))
 
