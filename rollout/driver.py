@@ -28,22 +28,13 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
-from common.records import (
-    REFERENCE_POLICY_VERSION,
-    GroupRewards,
-    RolloutGroups,
-    concat,
-    decode_rewards,
-    decode_rollout,
-    select_rows,
-)
-from common.telemetry import StepRecord, Telemetry
+from common.records import REFERENCE_POLICY_VERSION, concat, decode_rewards, decode_rollout, select_rows
+from common.telemetry import Telemetry
 from common.tiny import model_notice
 from learner.group import LearnerGroup
 from reward_service.pool import RewardPool
@@ -51,6 +42,7 @@ from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
 from rollout.resume import DataPosition, checkpoint_root, prepare_run_folder, resume_learner
+from rollout.step_report import print_progress, record_step
 from rollout.stop import StopSignals
 from rollout.validation import ValidationRunner
 
@@ -139,7 +131,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             pipeline.push(learner.adapter_weights(step))
         if validation:  # every run.validate_every steps; the alarm may stop the run (validation.alarm.action)
             validation.after_step(step, partial(learner.adapter_weights, step))
-        summary = _record(
+        summary = record_step(
             telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
             step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
         )  # fmt: skip
@@ -150,7 +142,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             steady = (summary["samples"] - first_step_samples) / (time.perf_counter() - first_step_end)
             summary["steady_samples_per_second"] = steady
         if step % job.run.log_every == 0:
-            _print_progress(summary)
+            print_progress(summary)
         if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
             _checkpoint(learner, job, step, position)
             checkpointed = True
@@ -366,56 +358,3 @@ def _check_finite(stats: dict[str, float], step: int, in_row: int, limit: int, t
             f"{limit}); stopping. The adapter was never updated with them; the last checkpoint is intact."
         )
     return in_row
-
-
-def _record(
-    telemetry: Telemetry,
-    groups: RolloutGroups,
-    rewards: GroupRewards,
-    stats: dict[str, float],
-    *,
-    step: int,
-    run_steps: int,
-    step_seconds: float,
-    wait: float,
-    waited: float,
-    elapsed: float,
-) -> dict[str, float]:
-    samples = run_steps * groups.num_groups * groups.group_size  # trained on since this process started
-    summary = {
-        "step": float(step),
-        "samples": float(samples),
-        "loss": stats["loss"],
-        "reward_mean": float(rewards.reward.mean()),
-        "reward_std": float(rewards.reward.std(axis=1, ddof=1).mean()),
-        "advantage_abs_mean": float(np.abs(rewards.advantage).mean()),
-        "advantage_max": float(rewards.advantage.max()),
-        "grad_norm": stats["grad_norm"],
-        "step_seconds": step_seconds,
-        "samples_per_second": samples / elapsed,
-        "learner_wait_fraction": waited / elapsed,
-    }
-    versions = groups.policy_version
-    if (versions != REFERENCE_POLICY_VERSION).all():  # policy mode: how old were the samples trained on
-        summary["staleness_max"] = float(step - 1 - versions.min())
-        summary["policy_version_min"] = float(versions.min())
-    metric_means = rewards.metric_raw.mean(axis=(0, 2))  # [N, M, G] -> one mean per metric
-    telemetry.record_step(
-        StepRecord(
-            step=step, groups=groups.num_groups, samples=groups.num_groups * groups.group_size,
-            zero_variance_groups=int((np.ptp(rewards.reward, axis=1) == 0).sum()),
-            step_seconds=step_seconds, wait_seconds=wait, scalars=summary,
-            reward_metrics={n: float(v) for n, v in zip(rewards.metric_names, metric_means, strict=True)},
-        )
-    )  # fmt: skip
-    return summary
-
-
-def _print_progress(s: dict[str, float]) -> None:
-    print(
-        f"step {s['step']:.0f} | loss {s['loss']:.4f} | reward {s['reward_mean']:.3f} "
-        f"(group std {s['reward_std']:.3f}) "
-        f"| |adv| {s['advantage_abs_mean']:.3f} max {s['advantage_max']:.2f} | grad {s['grad_norm']:.3g} "
-        f"| {s['samples_per_second']:.2f} samples/s | learner waited {100 * s['learner_wait_fraction']:.0f}%",
-        flush=True,
-    )

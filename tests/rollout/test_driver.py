@@ -63,14 +63,14 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
     # Scrape the live endpoint each time the driver has recorded a step, from inside the run: every
     # step's values are seen while the run goes on, however fast the steps follow one another.
     scrapes: list[dict[str, float]] = []
-    record = driver._record
+    record = driver.record_step
 
     def record_then_scrape(*args, **kwargs):
         summary = record(*args, **kwargs)
         scrapes.append(_scrape(port))
         return summary
 
-    monkeypatch.setattr(driver, "_record", record_then_scrape)
+    monkeypatch.setattr(driver, "record_step", record_then_scrape)
     result = train(job)
     assert result["step"] == 3
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "samples.png").is_file()
