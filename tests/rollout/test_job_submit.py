@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ def ray_head():
     """A separate single-node cluster; `--block` ties its processes to ours, so killing it stops them all."""
     gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # the same for `ray start` and `ray job submit`
+    # The `ray` command of this interpreter's environment, also when that environment is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray puts sockets under it
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
     head = subprocess.Popen(
