@@ -32,9 +32,14 @@ class GDPOLossConfig:
     def __post_init__(self) -> None:
         if self.omega <= 0:
             raise ValueError(f"omega must be positive, got {self.omega}")
-        for name in ("t_noise", "t_model"):
-            if not 0 <= getattr(self, name) < 1000:
-                raise ValueError(f"{name} must lie in [0, 1000), got {getattr(self, name)}")
+        check_timesteps(self.t_noise, self.t_model)
+
+
+def check_timesteps(t_noise: int, t_model: int) -> None:
+    """The re-noising and model timesteps of a section-5 loss must be DDPM steps."""
+    for name, t in (("t_noise", t_noise), ("t_model", t_model)):
+        if not 0 <= t < 1000:
+            raise ValueError(f"{name} must lie in [0, 1000), got {t}")
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,11 @@ def gdpo_loss(
         alphas_cumprod: ``[T]`` the DDPM schedule's ``abar``.
     """
     b, g = advantages.shape
-    assert latents.shape[:2] == (b, g) and noise.shape == latents.shape, (latents.shape, noise.shape)
-    x = q_sample(latents, noise, alphas_cumprod[config.t_noise]).flatten(0, 1)  # [B*G, C, h, w]
-    target = noise.flatten(0, 1)
-    cond = text_emb.repeat_interleave(g, dim=0)  # [B*G, L, D]
-    policy_mse = _per_sample_mse(unet, x, target, cond, config.t_model).unflatten(0, (b, g))
+    assert latents.shape[:2] == (b, g), (latents.shape, advantages.shape)
+    x, target, cond = renoised(latents, noise, text_emb, alphas_cumprod[config.t_noise])
+    policy_mse = per_sample_mse(predict_noise(unet, x, cond, config.t_model), target).unflatten(0, (b, g))
     with torch.no_grad(), adapter_disabled(unet):
-        reference_mse = _per_sample_mse(unet, x, target, cond, config.t_model).unflatten(0, (b, g))
+        reference_mse = per_sample_mse(predict_noise(unet, x, cond, config.t_model), target).unflatten(0, (b, g))
     inside = -0.5 * config.omega * (advantages * (policy_mse - reference_mse)).sum(dim=1)  # [B]
     loss = -F.logsigmoid(inside).mean()
     return GDPOLossOutput(
@@ -81,8 +84,21 @@ def gdpo_loss(
     )
 
 
-def _per_sample_mse(unet: torch.nn.Module, x: Tensor, target: Tensor, cond: Tensor, t: int) -> Tensor:
-    """``mean over (C, h, w) of (unet(x, t, cond) - target)^2`` in float32, ``[N]``."""
+def renoised(latents: Tensor, noise: Tensor, text_emb: Tensor, abar_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Section 5's inputs, flattened over the group: ``x_i`` ``[B*G, C, h, w]``, the target ``e_i`` (float32)
+    and the text embedding repeated per member ``[B*G, L, D]``, from ``[B, G, ...]`` latents and noise."""
+    assert noise.shape == latents.shape, (latents.shape, noise.shape)
+    g = latents.shape[1]
+    x = q_sample(latents, noise, abar_t).flatten(0, 1)
+    return x, noise.flatten(0, 1).float(), text_emb.repeat_interleave(g, dim=0)
+
+
+def predict_noise(unet: torch.nn.Module, x: Tensor, cond: Tensor, t: int) -> Tensor:
+    """``unet(x, t, cond)`` in the UNet's dtype, returned in float32."""
     dtype = next(unet.parameters()).dtype
-    pred = unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over (C, h, w): ``[N]``."""
+    return (pred - target).pow(2).mean(dim=(1, 2, 3))

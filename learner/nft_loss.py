@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.naosd import adapter_disabled, q_sample
+from common.naosd import adapter_disabled
+from learner.gdpo_loss import check_timesteps, per_sample_mse, predict_noise, renoised
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,9 +37,7 @@ class NFTLossConfig:
     def __post_init__(self) -> None:
         if not self.beta > 0 or not self.adv_max > 0:
             raise ValueError(f"beta and adv_max must be positive, got {self.beta}, {self.adv_max}")
-        for name in ("t_noise", "t_model"):
-            if not 0 <= getattr(self, name) < 1000:
-                raise ValueError(f"{name} must lie in [0, 1000), got {getattr(self, name)}")
+        check_timesteps(self.t_noise, self.t_model)
 
 
 @dataclass(frozen=True)
@@ -66,29 +65,18 @@ def nft_loss(
 ) -> NFTLossOutput:
     """The negative-aware loss for ``B`` groups of ``G`` (shapes as :func:`learner.gdpo_loss.gdpo_loss`)."""
     b, g = advantages.shape
-    assert latents.shape[:2] == (b, g) and noise.shape == latents.shape, (latents.shape, noise.shape)
-    x = q_sample(latents, noise, alphas_cumprod[config.t_noise]).flatten(0, 1)  # [B*G, C, h, w]
-    target = noise.flatten(0, 1).float()
-    cond = text_emb.repeat_interleave(g, dim=0)
-    e_theta = _predict(unet, x, cond, config.t_model)
+    assert latents.shape[:2] == (b, g), (latents.shape, advantages.shape)
+    x, target, cond = renoised(latents, noise, text_emb, alphas_cumprod[config.t_noise])
+    e_theta = predict_noise(unet, x, cond, config.t_model)
     with torch.no_grad(), adapter_disabled(unet):
-        e_old = _predict(unet, x, cond, config.t_model)
+        e_old = predict_noise(unet, x, cond, config.t_model)
     e_pos = (1 - config.beta) * e_old + config.beta * e_theta
     e_neg = (1 + config.beta) * e_old - config.beta * e_theta
     r = optimality(advantages, config.adv_max).flatten()  # [B*G]
-    per_sample = r * _mse(e_pos, target) + (1 - r) * _mse(e_neg, target)
+    per_sample = r * per_sample_mse(e_pos, target) + (1 - r) * per_sample_mse(e_neg, target)
     return NFTLossOutput(
         loss=per_sample.mean(),
         optimality=r.unflatten(0, (b, g)).detach(),
-        policy_mse=_mse(e_theta, target).unflatten(0, (b, g)).detach(),
-        reference_mse=_mse(e_old, target).unflatten(0, (b, g)),
+        policy_mse=per_sample_mse(e_theta, target).unflatten(0, (b, g)).detach(),
+        reference_mse=per_sample_mse(e_old, target).unflatten(0, (b, g)),
     )
-
-
-def _predict(unet: torch.nn.Module, x: Tensor, cond: Tensor, t: int) -> Tensor:
-    dtype = next(unet.parameters()).dtype
-    return unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
-
-
-def _mse(pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target).pow(2).mean(dim=(1, 2, 3))
