@@ -22,7 +22,7 @@ import contextlib
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from common.records import decode_rewards, decode_rollout
 from common.weights import adapter_state_dict, build_policy_unet, save_adapter
 from learner.config import LearnerConfig
 from learner.objectives import ObjectiveInputs, objective_loss
+from learner.rank_checkpoint import save_atomically
 from learner.reward_feedback_model import build_reward_feedback
 
 ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: a peft + diffusers adapter folder (common.adapter_folder)
@@ -322,25 +323,6 @@ class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(list(_DEEPSPEED_STATE_CLASSES)):
             return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_atomically(root: str | Path, step: int, rank: int, write: Callable[[Path], None], *, keep: int) -> Path:
-    """``<root>/checkpoint-<step>/`` from every rank's ``write(staging_folder)``; a collective; returns the folder.
-
-    Rank 0 prepares ``checkpoint-<step>.tmp``, every rank writes into it, and once all are done
-    rank 0 seals it (:func:`common.checkpoint_files.commit`: manifest last, rename, ``latest``,
-    keep the newest ``keep``).  ``root`` must be shared by all ranks.
-    """
-    staging = checkpoint_files.staging_path(root, step)
-    if rank == 0:
-        checkpoint_files.staging_dir(root, step)
-    dist.barrier()
-    write(staging)
-    dist.barrier()  # every rank's files are in place
-    if rank == 0:
-        checkpoint_files.commit(staging, keep=keep)
-    dist.barrier()  # nobody returns before the checkpoint exists
-    return checkpoint_files.checkpoint_dir(root, step)
 
 
 def load_deepspeed_state(engine: Any, directory: Path, step: int) -> tuple[str | None, dict[str, Any] | None]:

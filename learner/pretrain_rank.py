@@ -204,9 +204,9 @@ class PretrainRank:
         """Every rank writes its DeepSpeed state into ``<root>/checkpoint-<step>/``, atomically (a collective).
 
         The step is the data position.  Same layout and rules as the GDPO learner's
-        (:func:`learner.engine.save_atomically`: manifest written last, rename, ``latest``, retention).
+        (:func:`learner.rank_checkpoint.save_atomically`: manifest written last, rename, ``latest``, retention).
         """
-        from learner.engine import save_atomically
+        from learner.rank_checkpoint import save_atomically
 
         def write(staging: Path) -> None:
             self.engine.save_checkpoint(
