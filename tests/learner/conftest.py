@@ -58,3 +58,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """The tiny UNet with its ``gdpo`` adapter (LoRA B = 0 at init) and the schedule's ``abar``."""
+    import torch
+
+    from common.naosd import ModelConfig
+    from common.weights import build_policy_unet
+
+    torch.manual_seed(0)
+    return build_policy_unet(ModelConfig())

@@ -11,30 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_inputs import loss_inputs  # tests/learner/loss_inputs.py
 from torch import Tensor, nn
 
-from common.naosd import ModelConfig, lora_parameters
-from common.weights import build_policy_unet
+from common.naosd import lora_parameters
 from learner.gdpo_loss import GDPOLossConfig, gdpo_loss
-
-TEXT_DIM = 32
-
-
-@pytest.fixture(scope="module")
-def policy() -> tuple[nn.Module, Tensor]:
-    """The tiny UNet with its ``gdpo`` adapter (LoRA B = 0 at init) and the schedule's ``abar``."""
-    torch.manual_seed(0)
-    return build_policy_unet(ModelConfig())
-
-
-def _inputs(b: int, g: int, seed: int = 0) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(b, g, 4, 4, 4, generator=gen)
-    return {
-        "latents": latents,  # [B, G, 4, 4, 4]
-        "noise": torch.randn(latents.shape, generator=gen),  # [B, G, 4, 4, 4]
-        "text_emb": torch.randn(b, 77, TEXT_DIM, generator=gen),  # [B, 77, 32]
-    }
 
 
 def _with_nonzero_lora(unet: nn.Module, scale: float) -> nn.Module:
@@ -69,7 +50,7 @@ def test_g2_with_plus_minus_one_is_diffusion_dpo(policy, omega, lora_scale, rtol
     unet, abar = policy
     _with_nonzero_lora(unet, scale=lora_scale)  # keeps |inside| ~ 1, off the flat tails of logsigmoid
     config = GDPOLossConfig(omega=omega)
-    data = _inputs(b=3, g=2)
+    data = loss_inputs(b=3, g=2)
     advantages = torch.tensor([[1.0, -1.0]] * 3)
     ours = gdpo_loss(unet, **data, advantages=advantages, alphas_cumprod=abar, config=config)
 
@@ -88,7 +69,9 @@ def test_g2_with_plus_minus_one_is_diffusion_dpo(policy, omega, lora_scale, rtol
 def test_zero_advantages_give_log_2(policy):
     unet, abar = policy
     _with_nonzero_lora(unet, scale=1e-2)  # policy != reference: the zero must come from the advantages
-    out = gdpo_loss(unet, **_inputs(4, 3), advantages=torch.zeros(4, 3), alphas_cumprod=abar, config=GDPOLossConfig())
+    out = gdpo_loss(
+        unet, **loss_inputs(4, 3), advantages=torch.zeros(4, 3), alphas_cumprod=abar, config=GDPOLossConfig()
+    )
     assert torch.equal(out.inside, torch.zeros(4))
     assert out.loss.item() == pytest.approx(math.log(2), rel=0, abs=1e-7)  # float32 rounding of log 2
     assert not torch.equal(out.policy_mse, out.reference_mse)
@@ -97,7 +80,9 @@ def test_zero_advantages_give_log_2(policy):
 
 def test_policy_equals_reference_at_init(policy):
     unet, abar = policy
-    out = gdpo_loss(unet, **_inputs(2, 3), advantages=torch.randn(2, 3), alphas_cumprod=abar, config=GDPOLossConfig())
+    out = gdpo_loss(
+        unet, **loss_inputs(2, 3), advantages=torch.randn(2, 3), alphas_cumprod=abar, config=GDPOLossConfig()
+    )
     assert torch.equal(out.policy_mse, out.reference_mse)  # LoRA B = 0 adds exact zeros
     assert torch.equal(out.inside, torch.zeros(2))
 
@@ -106,7 +91,7 @@ def test_gradients_reach_only_the_lora_parameters(policy):
     unet, abar = policy
     unet.zero_grad(set_to_none=True)
     advantages = torch.tensor([[1.0, -0.5, -0.5], [-1.0, 0.0, 1.0]])
-    out = gdpo_loss(unet, **_inputs(2, 3), advantages=advantages, alphas_cumprod=abar, config=GDPOLossConfig())
+    out = gdpo_loss(unet, **loss_inputs(2, 3), advantages=advantages, alphas_cumprod=abar, config=GDPOLossConfig())
     out.loss.backward()
     lora = lora_parameters(unet)
     base_with_grad = [n for n, p in unet.named_parameters() if n not in lora and p.grad is not None]
@@ -141,7 +126,7 @@ def test_matches_a_hand_computation_on_a_toy_unet(policy):
     _, abar = policy
     config = GDPOLossConfig(omega=50.0)
     toy = ToyUNet(base=0.3, lora=0.05)
-    data = _inputs(2, 3, seed=4)
+    data = loss_inputs(2, 3, seed=4)
     advantages = torch.tensor([[1.2, -0.4, -0.8], [0.0, 1.0, -1.0]])
     out = gdpo_loss(toy, **data, advantages=advantages, alphas_cumprod=abar, config=config)
 

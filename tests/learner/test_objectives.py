@@ -11,15 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from loss_inputs import loss_inputs  # tests/learner/loss_inputs.py
 from torch import Tensor, nn
 
-from common.naosd import ModelConfig, lora_parameters
-from common.weights import build_policy_unet
+from common.naosd import lora_parameters
 from learner.dpo_loss import dpo_loss, winner_loser
 from learner.gdpo_loss import GDPOLossConfig, gdpo_loss
 from learner.nft_loss import NFTLossConfig, nft_loss, optimality
-
-TEXT_DIM = 32
 
 
 class ToyUNet(nn.Module):
@@ -39,22 +37,6 @@ class ToyUNet(nn.Module):
         return SimpleNamespace(sample=scale * x + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1))
 
 
-@pytest.fixture(scope="module")
-def policy() -> tuple[nn.Module, Tensor]:
-    torch.manual_seed(0)
-    return build_policy_unet(ModelConfig())
-
-
-def _inputs(b: int, g: int, seed: int = 0) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(b, g, 4, 4, 4, generator=gen)
-    return {
-        "latents": latents,
-        "noise": torch.randn(latents.shape, generator=gen),
-        "text_emb": torch.randn(b, 77, TEXT_DIM, generator=gen),
-    }
-
-
 def _x(data: dict, i: int, j: int, abar: float) -> tuple[Tensor, Tensor, float]:
     z, e = data["latents"][i, j].double(), data["noise"][i, j].double()
     return math.sqrt(abar) * z + math.sqrt(1 - abar) * e, e, float(data["text_emb"][i].double().mean())
@@ -70,7 +52,7 @@ def test_winner_and_loser_are_the_highest_and_lowest_reward():
 
 def test_dpo_matches_a_hand_computation(policy):
     _, abar = policy
-    toy, data = ToyUNet(base=0.3, lora=0.05), _inputs(2, 3, seed=4)
+    toy, data = ToyUNet(base=0.3, lora=0.05), loss_inputs(2, 3, seed=4)
     rewards = torch.tensor([[0.2, 0.9, 0.1], [0.5, 0.3, 0.7]])
     out = dpo_loss(toy, **data, rewards=rewards, alphas_cumprod=abar, config=GDPOLossConfig(omega=50.0))
 
@@ -92,7 +74,7 @@ def test_dpo_is_gdpo_with_two_samples_and_plus_minus_one(policy):
         for name, p in lora_parameters(unet).items():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.01)
-    data, config = _inputs(2, 3, seed=1), GDPOLossConfig(omega=10.0)
+    data, config = loss_inputs(2, 3, seed=1), GDPOLossConfig(omega=10.0)
     rewards = torch.tensor([[0.1, 0.8, 0.5], [0.9, 0.2, 0.4]])
     ours = dpo_loss(unet, **data, rewards=rewards, alphas_cumprod=abar, config=config)
     pick = torch.tensor([[1, 0], [0, 1]])
@@ -110,7 +92,7 @@ def test_dpo_on_a_tied_group_is_log_2_without_gradient(policy):
     unet, abar = policy
 
     def grad_norm(rewards: Tensor) -> tuple[float, float]:
-        out = dpo_loss(unet, **_inputs(1, 3), rewards=rewards, alphas_cumprod=abar, config=GDPOLossConfig())
+        out = dpo_loss(unet, **loss_inputs(1, 3), rewards=rewards, alphas_cumprod=abar, config=GDPOLossConfig())
         out.loss.backward()
         norm = float(torch.cat([p.grad.flatten() for p in lora_parameters(unet).values()]).norm())
         unet.zero_grad()
@@ -134,7 +116,7 @@ def test_optimality_is_the_clipped_normalised_advantage():
 @pytest.mark.parametrize("beta", [1.0, 0.3])
 def test_nft_matches_a_hand_computation(policy, beta):
     _, abar = policy
-    toy, data = ToyUNet(base=0.3, lora=0.05), _inputs(2, 3, seed=5)
+    toy, data = ToyUNet(base=0.3, lora=0.05), loss_inputs(2, 3, seed=5)
     advantages = torch.tensor([[1.5, -0.5, -1.0], [0.0, 3.0, -3.0]])
     config = NFTLossConfig(beta=beta, adv_max=2.0)
     out = nft_loss(toy, **data, advantages=advantages, alphas_cumprod=abar, config=config)
@@ -155,7 +137,7 @@ def test_nft_matches_a_hand_computation(policy, beta):
 def test_nft_at_init_is_the_reference_error(policy):
     """Policy = reference (LoRA B = 0): e_pos = e_neg = e_old, so the loss is the mean reference MSE."""
     unet, abar = policy
-    out = nft_loss(unet, **_inputs(2, 3), advantages=torch.randn(2, 3), alphas_cumprod=abar, config=NFTLossConfig())
+    out = nft_loss(unet, **loss_inputs(2, 3), advantages=torch.randn(2, 3), alphas_cumprod=abar, config=NFTLossConfig())
     torch.testing.assert_close(out.loss, out.reference_mse.mean())
     torch.testing.assert_close(out.policy_mse, out.reference_mse)
 
@@ -178,7 +160,7 @@ def _relative_error_change(unet: nn.Module, abar: Tensor, data: dict, advantages
 def test_one_nft_step_favours_positive_samples_over_negative_ones(policy):
     """r = 1 pulls the policy's estimate toward e_i, r = 0 pushes it away: the ordering flips with the signs."""
     unet, abar = policy
-    data = _inputs(1, 2, seed=3)
+    data = loss_inputs(1, 2, seed=3)
     forward = _relative_error_change(unet, abar, data, torch.tensor([[2.0, -2.0]]))
     flipped = _relative_error_change(unet, abar, data, torch.tensor([[-2.0, 2.0]]))
     assert forward[0] < 0 < forward[1], forward
