@@ -27,7 +27,7 @@ from pathlib import Path
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 _FORMAT = "gdpo-sr-checkpoint/1"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+NAME = re.compile(r"^checkpoint-(\d+)$")  # a committed folder's name
 _CHUNK = 1 << 20
 
 
@@ -83,12 +83,12 @@ def committed(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
 def step_of(directory: str | Path) -> int:
-    match = _NAME.match(Path(directory).name)
+    match = NAME.match(Path(directory).name)
     if not match:
         raise CheckpointError(f"{directory} is not named checkpoint-<step>")
     return int(match.group(1))
@@ -142,10 +142,20 @@ def _files(directory: Path) -> list[str]:
     return [n for n in names if n != MANIFEST]
 
 
+def describe(directory: str | Path) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file below ``directory``: a manifest's entries."""
+    directory = Path(directory)
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in _files(directory)}  # fmt: skip
+
+
+def manifest_text(files: dict[str, dict[str, int | str]]) -> str:
+    """The MANIFEST.json listing ``files`` (entries as :func:`describe` makes them)."""
+    return json.dumps({"format": _FORMAT, "files": dict(sorted(files.items()))}, indent=1)
+
+
 def _write_manifest(directory: Path) -> None:
-    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-             for name in _files(directory)}  # fmt: skip
-    _write_atomic(directory / MANIFEST, json.dumps({"format": _FORMAT, "files": files}, indent=1))
+    _write_atomic(directory / MANIFEST, manifest_text(describe(directory)))
 
 
 def _sha256(path: Path) -> str:

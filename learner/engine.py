@@ -37,7 +37,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor
 
-from common import checkpoint_files
+from common import checkpoint_files, checkpoint_store
 from common.adapter_folder import read_adapter_metadata
 from common.adapter_sync import AdapterWeights, digest, pack
 from common.naosd import ModelConfig, lora_parameters
@@ -247,7 +247,7 @@ class LearnerRank:
             state = adapter_state_dict(self.unet)
         return pack(self.step if version is None else version, state)
 
-    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> Path:
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> str:
         """Write ``<root>/checkpoint-<step>/`` atomically (a collective: every rank calls it); returns it.
 
         Every rank writes its DeepSpeed state and rank 0 the adapter into
@@ -255,7 +255,8 @@ class LearnerRank:
         (:func:`common.checkpoint_files.commit`: manifest, rename, ``latest``, keep the newest
         ``keep``).  ``client_state`` (data position, ...) comes back from :meth:`load_checkpoint`;
         it is read back with ``weights_only=True``, so keep it to plain Python values and
-        tensors.  ``root`` must be shared by all ranks.  A non-finite adapter is never written.
+        tensors.  ``root`` is a folder shared by all ranks or a run-storage URI
+        (:func:`learner.rank_checkpoint.save_atomically`).  A non-finite adapter is never written.
         """
 
         def write(staging: Path) -> None:
@@ -282,7 +283,10 @@ class LearnerRank:
         files are unpickled with ``weights_only=True``: a :class:`~common.checkpoint_files.CheckpointError`
         (a ValueError) for a torn, changed or unsafe checkpoint, with nothing of it executed.
         """
-        directory = Path(directory)
+        with checkpoint_store.local_copy(directory) as local:  # a URI is downloaded to this node first
+            return self._load_checkpoint(local)
+
+    def _load_checkpoint(self, directory: Path) -> dict[str, Any]:
         checkpoint_files.verify(directory)
         try:
             meta = read_adapter_metadata(directory / ADAPTER_DIR)

@@ -26,7 +26,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from common import checkpoint_files
+from common import checkpoint_files, checkpoint_store
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
 from common.ray_session import pool_request, wait_placement_group
@@ -40,7 +40,7 @@ _RANK_STATS = ("grad_norm", "step", "num_groups", "step_applied", "nonfinite")
 class Resumed:
     """Where :meth:`LearnerGroup.resume` resumed from, and the newer checkpoints it refused."""
 
-    path: Path
+    path: str  # a folder or a run-storage URI
     client_state: Any  # what the ranks' load_checkpoint returned (rank 0's)
     refused: tuple[tuple[str, str], ...]  # (checkpoint name, why), newest first
 
@@ -79,11 +79,11 @@ class CheckpointHost:
     """What a rank actor answers about the checkpoint folders its node sees (GDPO and pre-training ranks)."""
 
     def checkpoints(self, root: str) -> list[str]:
-        """Committed checkpoints under ``root``, newest first (unverified: loading verifies)."""
-        return [str(p) for p in checkpoint_files.committed(root)]
+        """Committed checkpoints under ``root`` (folder or URI), newest first (unverified: loading verifies)."""
+        return checkpoint_store.committed(root)
 
-    def reject_checkpoint(self, directory: str) -> str:
-        return str(checkpoint_files.reject(directory))
+    def reject_checkpoint(self, directory: str, why: str) -> str:
+        return checkpoint_store.reject(directory, why)
 
 
 class _RankHost(RendezvousHost, CheckpointHost):
@@ -178,11 +178,11 @@ class LearnerGroup:
         result = push_weights(weights, rollout_actors)
         return dataclasses.replace(result, fetch_seconds=fetched)
 
-    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> Path:
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> str:
         """Write ``<root>/checkpoint-<step>/`` atomically (every rank its DeepSpeed state, rank 0 the
-        adapter, then rank 0 seals it), keeping the newest ``keep`` (0: all); returns the folder."""
+        adapter, then rank 0 seals it), keeping the newest ``keep`` (0: all); returns its location."""
         paths = ray.get([r.save_checkpoint.remote(str(root), client_state, keep) for r in self._ranks])
-        return Path(paths[0])
+        return paths[0]
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Every rank resumes from one checkpoint folder; returns the client state saved with it."""
@@ -277,13 +277,17 @@ def resume_ranks(ranks: Sequence[Any], root: str | Path) -> Resumed | None:
         try:
             states = ray.get([r.load_checkpoint.remote(path) for r in ranks])
         except ValueError as err:  # CheckpointError, also when Ray wraps it in a RayTaskError
-            refused.append((Path(path).name, str(getattr(err, "cause", err))))
-            ray.get(ranks[0].reject_checkpoint.remote(path))
+            why = str(getattr(err, "cause", err))
+            refused.append((checkpoint_store.name_of(path), why))
+            ray.get(ranks[0].reject_checkpoint.remote(path, why))
             continue
-        return Resumed(path=Path(path), client_state=states[0], refused=tuple(refused))
+        return Resumed(path=path, client_state=states[0], refused=tuple(refused))
     if refused:
         reasons = "; ".join(f"{name}: {why}" for name, why in refused)
-        raise checkpoint_files.CheckpointError(f"no intact checkpoint under {root} (renamed *.rejected): {reasons}")
+        raise checkpoint_files.CheckpointError(
+            f"no intact checkpoint under {root} (all refused: renamed *.rejected, or marked REJECTED in run storage): "
+            f"{reasons}"
+        )
     return None
 
 

@@ -18,19 +18,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray.util.placement_group import remove_placement_group
 
-from common.config import from_mapping, load_mapping, save_config, to_mapping
+from common import checkpoint_store
+from common.config import from_mapping, load_mapping, to_mapping
 from common.naosd import ModelConfig
 from common.preflight import load_or_exit, require_paths
 from common.ray_session import ResourceError, add_ray_arguments, init_ray, pool_request, settings_from_args
+from common.run_storage import RunOutputs, RunStorage, check_location, is_uri, open_checked
 from common.telemetry import MetricsConfig, PretrainTelemetry
 from learner.config import LearnerPoolConfig
 from learner.group import CheckpointHost, RendezvousHost, resume_ranks, start_ranks
@@ -43,9 +46,10 @@ CHECKPOINT_DIR = "checkpoints"  # <output_dir>/checkpoints/checkpoint-<step>/ (c
 @dataclass(frozen=True, kw_only=True)
 class PretrainRunConfig:
     steps: int = 35_000  # paper: 35 K iterations
-    output_dir: str = "runs/pretrain"
-    export_dir: str = ""  # where the merged model goes; "" = <output_dir>/naosd
-    resume: bool = True  # continue from the newest intact <output_dir>/checkpoints/checkpoint-<step>
+    output_dir: str = "runs/pretrain"  # on the driver's node; absolute under `ray job submit`
+    storage: str = ""  # where checkpoints, config and model persist: a path or pyarrow.fs URI; "" = output_dir
+    export_dir: str = ""  # where the merged model goes; "" = <storage or output_dir>/naosd
+    resume: bool = True  # continue from the newest intact <storage or output_dir>/checkpoints/checkpoint-<step>
     log_every: int = 10
     checkpoint_every: int = 1000  # 0 = only at the end
     keep_checkpoints: int = 3  # newest checkpoint-<step> folders kept; 0 = all
@@ -53,6 +57,7 @@ class PretrainRunConfig:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.log_every < 1 or self.checkpoint_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("steps >= 0, log_every >= 1, checkpoint_every >= 0 and keep_checkpoints >= 0 are required")
+        check_location(self.output_dir, self.storage)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +85,13 @@ class PretrainJob:
                              "set lambda_lpips=0 to train without it")  # fmt: skip
 
     @property
-    def export_dir(self) -> Path:
-        return Path(self.run.export_dir or Path(self.run.output_dir) / "naosd")
+    def outputs(self) -> RunOutputs:
+        return RunOutputs(self.run.output_dir, self.run.storage)
+
+    @property
+    def export_dir(self) -> str:
+        """A folder, or a run-storage URI (rank 0 exports on its own disk and uploads)."""
+        return self.run.export_dir or self.outputs.persistent("naosd")
 
 
 def load_pretrain_job(source: str, overrides: Sequence[str] = ()) -> PretrainJob:
@@ -106,13 +116,18 @@ class _PretrainHost(RendezvousHost, CheckpointHost):
         return self._rank.load_checkpoint(directory)
 
     def export(self, directory: str) -> str:
-        return self._rank.export(directory)
+        if not is_uri(directory):
+            return self._rank.export(directory)
+        with tempfile.TemporaryDirectory(prefix="gdpo-sr-export-") as scratch:
+            self._rank.export(scratch)
+            if self._rank.rank == 0:
+                RunStorage(directory).upload_tree(scratch)
+        return directory
 
 
 def pretrain(job: PretrainJob) -> dict[str, float]:
     """Run pre-training to ``job.run.steps``; returns the last step's mean stats over ranks."""
-    out = Path(job.run.output_dir)
-    save_config(job, out / "config.yaml")
+    job.outputs.write("config.yaml", yaml.safe_dump(to_mapping(job), sort_keys=False).encode())
     if job.model.source != "pretrained":
         print(f"NOTE: pre-training the tiny SD-architecture model (model.source={job.model.source}) on CPU-sized "
               "data: a toy NAOSD, not the paper's", flush=True)  # fmt: skip
@@ -125,23 +140,25 @@ def pretrain(job: PretrainJob) -> dict[str, float]:
         pg, ranks = start_ranks(
             _PretrainHost, pool, lambda r, **kw: r.setup.remote(job, **kw), ready_timeout_s=pool.start_timeout_s
         )
-        return _loop(job, out, ranks, telemetry)
+        return _loop(job, ranks, telemetry)
     finally:
         for actor in ranks:
             ray.kill(actor)
         if pg is not None:
             remove_placement_group(pg)
         telemetry.close()
+        job.outputs.mirror(skip=(CHECKPOINT_DIR,))
 
 
-def _loop(job: PretrainJob, out: Path, ranks: list[Any], telemetry: PretrainTelemetry) -> dict[str, float]:
-    checkpoints, keep = str(out / CHECKPOINT_DIR), job.run.keep_checkpoints
+def _loop(job: PretrainJob, ranks: list[Any], telemetry: PretrainTelemetry) -> dict[str, float]:
+    checkpoints, keep = job.outputs.persistent(CHECKPOINT_DIR), job.run.keep_checkpoints
     step = 0
     if job.run.resume and (resumed := resume_ranks(ranks, checkpoints)) is not None:
         for name, why in resumed.refused:
-            print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
+            print(f"checkpoint {name} refused (renamed {name}.rejected, or marked REJECTED in run storage): {why}",
+                  flush=True)  # fmt: skip
         step = resumed.client_state
-        print(f"resumed from {resumed.path.name} at step {step}", flush=True)
+        print(f"resumed from {checkpoint_store.name_of(resumed.path)} at step {step}", flush=True)
     telemetry.step.set(step)
     stats: dict[str, float] = {}
     started, first = time.perf_counter(), step
@@ -187,9 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     job = load_or_exit(lambda: load_pretrain_job(args.config, args.overrides))
+    load_or_exit(lambda: open_checked(job.run.output_dir, job.run.storage))  # relative under `ray job submit`, bad URI
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(to_mapping(job), sort_keys=False))
         return 0
     require_paths(

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from common import checkpoint_files
+from common import checkpoint_files, checkpoint_store
 from common.naosd import ModelConfig
 from learner.pretrain_loss import ImageLoss, PretrainLossConfig
 from learner.pretrain_model import PretrainModelConfig, PretrainNAOSD
@@ -200,7 +200,7 @@ class PretrainRank:
                 self._prompts[prompt] = self.model.naosd.encode_prompts([prompt])
         return self._prompts[prompt]
 
-    def save_checkpoint(self, root: str | Path, *, keep: int = 0) -> Path:
+    def save_checkpoint(self, root: str | Path, *, keep: int = 0) -> str:
         """Every rank writes its DeepSpeed state into ``<root>/checkpoint-<step>/``, atomically (a collective).
 
         The step is the data position.  Same layout and rules as the GDPO learner's
@@ -220,8 +220,9 @@ class PretrainRank:
         """Resume from one ``checkpoint-<step>/`` (manifest verified first, weights only); returns the step."""
         from learner.engine import load_deepspeed_state
 
-        checkpoint_files.verify(directory)
-        path, states = load_deepspeed_state(self.engine, Path(directory), checkpoint_files.step_of(directory))
+        with checkpoint_store.local_copy(directory) as local:  # a URI is downloaded to this node first
+            checkpoint_files.verify(local)
+            path, states = load_deepspeed_state(self.engine, local, checkpoint_files.step_of(local))
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory}")
         saved = (states or {}).get(_CLIENT_KEY, {}).get("step")

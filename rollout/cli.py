@@ -71,15 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     summary = train(job)
     seconds = time.perf_counter() - start
-    print(f"done: {summary.get('step', 0):.0f} steps in {seconds:.1f} s; outputs in {job.run.output_dir}")
+    stored = f" and {job.run.storage}" if job.run.storage else ""
+    print(f"done: {summary.get('step', 0):.0f} steps in {seconds:.1f} s; outputs in {job.run.output_dir}{stored}")
     return 0
 
 
 def check_resume_or_exit(job: JobConfig) -> None:
     from common.preflight import config_error
+    from common.run_storage import open_checked
     from rollout.resume import check_resume
 
     try:
+        open_checked(job.run.output_dir, job.run.storage)  # a relative output_dir under `ray job submit`, a bad URI
         check_resume(job)
     except ValueError as err:
         config_error(err)

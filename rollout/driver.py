@@ -41,7 +41,7 @@ from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
-from rollout.resume import DataPosition, checkpoint_root, prepare_run_folder, resume_learner
+from rollout.resume import DataPosition, checkpoint_root, mirror_outputs, prepare_run_folder, resume_learner
 from rollout.step_report import print_progress, record_step
 from rollout.stop import StopSignals
 from rollout.validation import ValidationRunner
@@ -75,6 +75,7 @@ def train(job: JobConfig) -> dict[str, float]:
         for pool in reversed(pools):  # explicit shutdown, whatever happened
             pool.shutdown()
         telemetry.close()
+        mirror_outputs(job)  # the last samples, TensorBoard events and logs into run.storage
 
 
 def _train_loop(
@@ -328,6 +329,7 @@ class _Pipeline:
 def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition) -> None:
     state = {"step": step, "data": asdict(position)}
     learner.save_checkpoint(checkpoint_root(job), state, keep=job.run.keep_checkpoints)
+    mirror_outputs(job)  # with every checkpoint: the logs that go with it
 
 
 def _recover_learner(  # noqa: PLR0917

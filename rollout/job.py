@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from common.config import from_mapping, load_mapping
 from common.naosd import ModelConfig
 from common.ray_session import validate_custom_resources
+from common.run_storage import check_location
 from common.telemetry import MetricsConfig
 from learner.config import LearnerConfig, LearnerPoolConfig
 from reward_service.config import RewardConfig, RewardPoolConfig
@@ -49,8 +50,9 @@ class ClusterConfig:
 class RunConfig:
     steps: int = 4
     groups_per_step: int = 2  # images per optimizer step, across all learner ranks (paper: 8)
-    output_dir: str = "runs/dry-run"
-    resume: bool = True  # continue from the newest intact output_dir/checkpoints/checkpoint-<step>
+    output_dir: str = "runs/dry-run"  # on the driver's node; absolute under `ray job submit`
+    storage: str = ""  # where checkpoints and outputs persist: a path or pyarrow.fs URI (s3://...); "" = output_dir
+    resume: bool = True  # continue from the newest intact <storage or output_dir>/checkpoints/checkpoint-<step>
     resume_force: bool = False  # resume even though model, data, rollout seed or objective changed
     keep_checkpoints: int = 3  # newest checkpoint-<step> folders kept; 0 = all
     max_nonfinite_steps: int = 3  # stop after this many skipped non-finite learner steps in a row; 0 = never
@@ -66,6 +68,7 @@ class RunConfig:
             raise ValueError(f"validate_every must be >= 0 (0 = off), got {self.validate_every}")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 0 or self.max_learner_restarts < 0:
             raise ValueError("keep_checkpoints, max_nonfinite_steps and max_learner_restarts must be >= 0")
+        check_location(self.output_dir, self.storage)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
-from common import checkpoint_files
-from common.config import save_config, to_mapping
+from common import checkpoint_store
+from common.config import to_mapping
+from common.run_storage import RunOutputs
 from common.telemetry import Telemetry
 from learner.group import LearnerGroup
 from rollout.job import JobConfig
 
 CONFIG_FILE = "config.yaml"
-CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/checkpoint-<step>/, latest
+CHECKPOINTS = "checkpoints"  # <storage or output_dir>/checkpoints/checkpoint-<step>/, latest
 # Dotted keys (whole sections or single keys) a resume keeps unless forced: what the saved state was made with.
 GUARDED = (
     "model",
@@ -59,22 +60,29 @@ def resume_learner(learner: LearnerGroup, job: JobConfig, telemetry: Telemetry) 
     if resumed is None:
         return 0, DataPosition()
     for name, why in resumed.refused:
-        print(f"checkpoint {name} refused, renamed {name}.rejected: {why}", flush=True)
+        print(f"checkpoint {name} refused (renamed {name}.rejected, or marked REJECTED in run storage): {why}",
+              flush=True)
     state = resumed.client_state
     step, position = state["step"], DataPosition(**state["data"])
     fallback = " (an older checkpoint: see above)" if resumed.refused else ""
-    print(f"resumed from {resumed.path.name}{fallback} at step {step}, data index {position.next_index}", flush=True)
+    name = checkpoint_store.name_of(resumed.path)
+    print(f"resumed from {name}{fallback} at step {step}, data index {position.next_index}", flush=True)
     telemetry.resumed(step)
     return step, position
 
 
-def checkpoint_root(job: JobConfig) -> Path:
-    return Path(job.run.output_dir) / CHECKPOINTS
+def run_outputs(job: JobConfig) -> RunOutputs:
+    return RunOutputs(job.run.output_dir, job.run.storage)
+
+
+def checkpoint_root(job: JobConfig) -> str:
+    """``<storage or output_dir>/checkpoints``: a folder or a run-storage URI."""
+    return run_outputs(job).persistent(CHECKPOINTS)
 
 
 def will_resume(job: JobConfig) -> bool:
     """Whether the run continues from a checkpoint (one exists and ``run.resume`` is on)."""
-    return job.run.resume and bool(checkpoint_files.committed(checkpoint_root(job)))
+    return job.run.resume and bool(checkpoint_store.committed(checkpoint_root(job)))
 
 
 def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -89,30 +97,39 @@ def check_resume(job: JobConfig) -> list[str]:
     """The guarded changes a resume of ``job`` makes (empty when it starts fresh or changes none of them).
 
     ValueError (naming every changed key, old -> new) when there are any and ``run.resume_force`` is off.
+    The saved ``config.yaml`` is read from run storage when ``run.storage`` is set.
     """
-    path = Path(job.run.output_dir) / CONFIG_FILE
-    if not path.is_file() or not will_resume(job):
+    saved_text = run_outputs(job).read(CONFIG_FILE)
+    if saved_text is None or not will_resume(job):
         return []
-    saved = yaml.safe_load(path.read_text()) or {}  # plain YAML only: nothing in it runs
+    saved = yaml.safe_load(saved_text) or {}  # plain YAML only: nothing in it runs
     changes = config_changes(saved, to_mapping(job))
     if changes and not job.run.resume_force:
         raise ValueError(
-            f"resuming {path.parent} would change what its checkpoints were made with ({'; '.join(changes)}); "
-            "use a new run.output_dir, or run.resume_force=true to resume anyway"
+            f"resuming {job.run.storage or job.run.output_dir} would change what its checkpoints were made with "
+            f"({'; '.join(changes)}); use a new run.output_dir, or run.resume_force=true to resume anyway"
         )
     return changes
 
 
 def prepare_run_folder(job: JobConfig) -> Path:
-    """:func:`check_resume`, keep the old config as ``config.<time>.yaml``, write the new; returns ``config.yaml``."""
-    path = Path(job.run.output_dir) / CONFIG_FILE
+    """:func:`check_resume`, keep the old config as ``config.<time>.yaml``, write the new; returns ``config.yaml``.
+
+    Both are written into ``run.output_dir`` and, when set, into ``run.storage``.
+    """
+    outputs = run_outputs(job)
     if changes := check_resume(job):
         print(f"run.resume_force: resuming despite changes: {'; '.join(changes)}", flush=True)
-    if path.is_file():
-        kept = _free_name(path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%S')}.yaml"))
-        path.rename(kept)
-        print(f"previous config kept as {kept}", flush=True)
-    return save_config(job, path)
+    if (old := outputs.read(CONFIG_FILE)) is not None:
+        kept = _free_name(outputs.local / f"config.{time.strftime('%Y%m%dT%H%M%S')}.yaml")
+        outputs.write(kept.name, old)
+        print(f"previous config kept as {kept.name}", flush=True)
+    return outputs.write(CONFIG_FILE, yaml.safe_dump(to_mapping(job), sort_keys=False).encode())
+
+
+def mirror_outputs(job: JobConfig) -> None:
+    """Copy the driver's files (config, samples, validation CSV, TensorBoard, data log) into ``run.storage``."""
+    run_outputs(job).mirror(skip=(CHECKPOINTS,))
 
 
 def _diff(key: str, old: Any, now: Any, changes: list[str]) -> None:

@@ -45,7 +45,7 @@ def _with_advantages(batch: pa.RecordBatch, value: float) -> pa.RecordBatch:
 def test_a_planted_pickle_is_refused_and_never_runs(free_port, tmp_path, scored_batch):
     run = _rank(free_port)
     run.train_step(scored_batch(seed=1))
-    checkpoint = run.save_checkpoint(tmp_path / "run", {"step": 1})
+    checkpoint = Path(run.save_checkpoint(tmp_path / "run", {"step": 1}))
     marker = tmp_path / "payload-ran"
     torch.save({"module": _Payload(marker)}, checkpoint / MODEL_STATES)  # swapped after the commit
 

@@ -100,7 +100,7 @@ def test_checkpoint_resume_is_exact(free_port, tmp_path, scored_batch, zero_stag
     run = _rank(free_port, zero_stage=zero_stage)
     run.train_step(first)
     checkpoint = run.save_checkpoint(tmp_path, client)
-    assert checkpoint == tmp_path / "checkpoint-1"
+    assert checkpoint == str(tmp_path / "checkpoint-1")
     saved = run.adapter_weights()
     run.train_step(second)
     uninterrupted = run.adapter_weights()

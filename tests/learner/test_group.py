@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -86,18 +87,18 @@ def test_push_delivers_one_version_to_every_rollout_actor(two_ranks):
 def test_checkpoint_resume_across_two_ranks_falls_back_past_a_torn_one(two_ranks, scored_batch, tmp_path):
     two = two_ranks
     two.step(scored_batch(seed=3))
-    first = two.save_checkpoint(tmp_path, {"data_position": 12})
+    first = Path(two.save_checkpoint(tmp_path, {"data_position": 12}))
     saved = two.adapter_weights()
     following = scored_batch(seed=4)
     two.step(following)
     uninterrupted = two.adapter_weights()
-    newest = two.save_checkpoint(tmp_path, {"data_position": 16}, keep=2)
+    newest = Path(two.save_checkpoint(tmp_path, {"data_position": 16}, keep=2))
     assert [p.name for p in (first, newest)] == [f"checkpoint-{saved.version}", f"checkpoint-{saved.version + 1}"]
     torn = newest / "deepspeed" / f"step{saved.version + 1:08d}" / "mp_rank_00_model_states.pt"
     torn.write_bytes(torn.read_bytes()[:100])  # a write cut short after the commit (disk full, bad copy)
 
     resumed_from = two.resume(tmp_path)
-    assert resumed_from is not None and resumed_from.path == first
+    assert resumed_from is not None and resumed_from.path == str(first)
     assert resumed_from.client_state == {"data_position": 12}
     assert [name for name, _ in resumed_from.refused] == [newest.name] and "bytes" in resumed_from.refused[0][1]
     assert not newest.exists() and newest.with_name(newest.name + ".rejected").is_dir()
@@ -106,3 +107,24 @@ def test_checkpoint_resume_across_two_ranks_falls_back_past_a_torn_one(two_ranks
     resumed = two.adapter_weights()
     assert resumed.version == uninterrupted.version
     assert all(torch.equal(resumed.tensors[k], uninterrupted.tensors[k]) for k in resumed.tensors)
+
+
+def test_checkpoint_on_a_storage_uri_holds_both_ranks_shards_and_resumes(two_ranks, scored_batch, tmp_path):
+    """ZeRO-2 ranks each upload their own optimizer shard from their own disk; rank 0 publishes the manifest."""
+    two, uri = two_ranks, f"file://{tmp_path}/store/checkpoints"
+    two.step(scored_batch(seed=5))
+    saved = two.adapter_weights()
+    location = two.save_checkpoint(uri, {"data_position": 20}, keep=1)
+    assert location == f"{uri}/checkpoint-{saved.version}"
+    folder = tmp_path / "store" / "checkpoints" / f"checkpoint-{saved.version}"
+    shards = sorted(p.name for p in folder.rglob("*optim_states.pt"))
+    assert len(shards) == 2 and (folder / "MANIFEST.json").is_file()  # one ZeRO shard per rank, both listed
+    following = scored_batch(seed=6)
+    two.step(following)
+    uninterrupted = two.adapter_weights()
+
+    resumed_from = two.resume(uri)  # every rank downloads the folder to its own disk and verifies it
+    assert resumed_from is not None and resumed_from.path == location and resumed_from.refused == ()
+    assert resumed_from.client_state == {"data_position": 20} and two.adapter_weights().digest == saved.digest
+    two.step(following)
+    assert two.adapter_weights().digest == uninterrupted.digest

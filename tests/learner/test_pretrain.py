@@ -162,7 +162,7 @@ def test_rank_resumes_exactly(tmp_path, free_port):
     first = PretrainRank(model, config, data, 0, 1, "127.0.0.1", free_port)
     first.train_step(), first.train_step()
     checkpoint = first.save_checkpoint(tmp_path)
-    assert checkpoint == tmp_path / "checkpoint-2"
+    assert checkpoint == str(tmp_path / "checkpoint-2")
     resumed = PretrainRank(model, config, data, 0, 1, "127.0.0.1", free_port)
     assert resumed.load_checkpoint(checkpoint) == 2
     assert resumed.indices(2) == [4, 5]  # the data position is the step
@@ -187,6 +187,22 @@ def test_pretrain_job_through_ray_resumes_and_gdpo_loads_its_output(ray_session,
     assert (tmp_path / "naosd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not torch.equal(model.unet.conv_in.weight, tiny_unet(0).conv_in.weight)
 
+
+
+def test_pretrain_job_keeps_checkpoints_and_model_in_run_storage(ray_session, tmp_path, capsys):
+    """run.storage as a URI: a second run in another output_dir resumes from it, and the model lands there."""
+    from learner.pretrain import load_pretrain_job, pretrain
+
+    store = tmp_path / "store"
+    overrides = [f"run.storage=file://{store}", "run.log_every=1", "run.checkpoint_every=1", "data.crop_size=16",
+                 "pretrain.batch_size=4", "metrics.enabled=false"]  # fmt: skip
+    pretrain(load_pretrain_job("tiny_pretrain", [*overrides, f"run.output_dir={tmp_path / 'a'}", "run.steps=2"]))
+    assert not (tmp_path / "a" / "checkpoints").exists() and (store / "checkpoints" / "checkpoint-2").is_dir()
+    pretrain(load_pretrain_job("tiny_pretrain", [*overrides, f"run.output_dir={tmp_path / 'b'}", "run.steps=3"]))
+    assert "resumed from checkpoint-2 at step 2" in capsys.readouterr().out
+    assert (store / "config.yaml").is_file() and (tmp_path / "b" / "config.yaml").is_file()
+    model = build_naosd(ModelConfig(source="tiny", naosd_path=str(store / "naosd")))  # uploaded by rank 0
+    assert not torch.equal(model.unet.conv_in.weight, tiny_unet(0).conv_in.weight)
 
 def test_from_scratch_reconstruction_and_kl_terms_match_a_hand_computation():
     loss = PretrainLossConfig(lambda_lpips=0, lambda_vsd=0, lambda_recon=1.0, lambda_kl=1.0)

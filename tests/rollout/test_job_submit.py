@@ -2,69 +2,37 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from ray_nodes import agent_port_args, free_ports, ray_env, start_node, stop_node, wait_until  # tests/rollout
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A separate single-node cluster; `--block` ties its processes to ours, so killing it stops them all."""
-    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # the same for `ray start` and `ray job submit`
-    # The `ray` command of this interpreter's environment, also when that environment is not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray puts sockets under it
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp_dir}"],
-        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+    """A separate single-node cluster of our own (ray_nodes.start_node), stopped with its process group."""
+    gcs, dashboard, client = free_ports(3)
+    env = ray_env()
+    temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray puts sockets under it
+    log = temp_dir / "head.log"
+    head = start_node(
+        ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", *agent_port_args(), "--num-cpus=4",
+         f"--temp-dir={temp_dir}"],
+        log,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run(
-                ["ray", "job", "list", "--address", address], check=False, env=env, capture_output=True
-            )
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head did not come up")
+        probe = ["ray", "job", "list", "--address", address]
+        wait_until(lambda: subprocess.run(probe, check=False, env=env, capture_output=True).returncode == 0,
+                   [head], [log], "the Ray head")  # fmt: skip
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
+        stop_node(head)
 
 
 @pytest.mark.slow
@@ -97,3 +65,16 @@ def test_pretraining_submitted_through_submit_sh(ray_head, tmp_path):
     assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log and "pretrain step 2/2" in log
     assert (out / "naosd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_relative_output_dir_is_refused_under_ray_job_submit(ray_head):
+    """It would land in Ray's temporary copy of the working directory: a config error before any actor starts."""
+    address, env = ray_head
+    cmd = [
+        "ray", "job", "submit", "--address", address, "--runtime-env", "deploy/runtime_env.yaml", "--",
+        "python", "-m", "rollout", "--dry-run", "run.steps=1", "run.output_dir=runs/relative",
+    ]  # fmt: skip
+    job = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = job.stdout + job.stderr
+    assert job.returncode != 0 and "config error: run.output_dir='runs/relative' is relative" in log, log[-4000:]
