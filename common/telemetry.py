@@ -47,6 +47,9 @@ STEP_GAUGES = {
 }
 
 
+_REWARD_METRIC = "reward_metric/"  # last_gauges() key prefix of gdpo_reward_metric{metric=...}
+
+
 @dataclass(frozen=True, kw_only=True)
 class StepRecord:
     """What one optimizer step adds to the metrics and the experiment log."""
@@ -115,6 +118,7 @@ class Telemetry:
         )  # fmt: skip
         self._endpoint = Endpoint(r)
         self._log: ExperimentLog | None = None
+        self._last: dict[str, float] = {}  # the last step's gauge values (checkpointed: see last_gauges)
 
     def serve(self, config: MetricsConfig, tensorboard_dir: str | Path | None = None) -> int:
         """Start the endpoint (returns its port, 0 when disabled) and, if configured, the TensorBoard log."""
@@ -122,9 +126,20 @@ class Telemetry:
             self._log = ExperimentLog(tensorboard_dir)
         return self._endpoint.serve(config)
 
-    def resumed(self, step: int) -> None:
-        """A run resumed at ``step``: the step gauge says so before the first new step."""
+    def resumed(self, step: int, gauges: Mapping[str, float] | None = None) -> None:
+        """A run resumed at ``step``: the step gauge, and the last step's gauges saved with the checkpoint
+        (:meth:`last_gauges`), read as they were before the first new step."""
         self.step.set(step)
+        for key, value in (gauges or {}).items():
+            if key in self.gauges:
+                self.gauges[key].set(value)
+            elif key.startswith(_REWARD_METRIC):
+                self.reward_metric.labels(metric=key.removeprefix(_REWARD_METRIC)).set(value)
+        self._last = dict(gauges or {})
+
+    def last_gauges(self) -> dict[str, float]:
+        """The last step's gauge values as plain floats, for the checkpoint (restored by :meth:`resumed`)."""
+        return dict(self._last)
 
     def record_step(self, record: StepRecord) -> None:
         self.step.set(record.step)
@@ -137,6 +152,8 @@ class Telemetry:
             gauge.set(record.scalars[key])
         for name, value in record.reward_metrics.items():
             self.reward_metric.labels(metric=name).set(value)
+        self._last = {key: float(record.scalars[key]) for key in self.gauges}
+        self._last.update({_REWARD_METRIC + name: float(v) for name, v in record.reward_metrics.items()})
         if self._log is not None:
             self._log.write(record)
 

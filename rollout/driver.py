@@ -145,11 +145,11 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
         if step % job.run.log_every == 0:
             print_progress(summary)
         if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
-            _checkpoint(learner, job, step, position)
+            _checkpoint(learner, job, step, position, telemetry)
             checkpointed = True
     if validation:
         validation.finish()
-    _checkpoint(learner, job, step, position)
+    _checkpoint(learner, job, step, position, telemetry)
     if job.run.sample_grid and batch is not None:
         print(f"sample grid: {save_sample_grid(batch, out / 'samples.png')}", flush=True)
     return summary
@@ -326,8 +326,8 @@ class _Pipeline:
         return sampling + sum(len(ids) for ids in self.scoring.values()) + self._ready_groups()
 
 
-def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition) -> None:
-    state = {"step": step, "data": asdict(position)}
+def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition, telemetry: Telemetry) -> None:
+    state = {"step": step, "data": asdict(position), "gauges": telemetry.last_gauges()}
     learner.save_checkpoint(checkpoint_root(job), state, keep=job.run.keep_checkpoints)
     mirror_outputs(job)  # with every checkpoint: the logs that go with it
 

@@ -67,7 +67,7 @@ def resume_learner(learner: LearnerGroup, job: JobConfig, telemetry: Telemetry) 
     fallback = " (an older checkpoint: see above)" if resumed.refused else ""
     name = checkpoint_store.name_of(resumed.path)
     print(f"resumed from {name}{fallback} at step {step}, data index {position.next_index}", flush=True)
-    telemetry.resumed(step)
+    telemetry.resumed(step, state.get("gauges"))  # checkpoints before gauges were saved have none
     return step, position
 
 

@@ -42,6 +42,20 @@ def test_resume_restores_the_step_gauge():
     assert t.registry.get_sample_value("gdpo_learner_step") == 40.0
 
 
+def test_the_last_steps_gauges_survive_a_resume():
+    before = Telemetry()
+    before.record_step(_record(2))
+    saved = before.last_gauges()  # what the driver puts into the checkpoint
+    assert all(isinstance(v, float) for v in saved.values())
+    after = Telemetry()
+    after.resumed(2, saved)
+    for name, labels in [("gdpo_grad_norm", None), ("gdpo_learner_wait_ratio", None), ("gdpo_loss", None),
+                         ("gdpo_reward_metric", {"metric": "psnr_y"}), ("gdpo_reward_metric", {"metric": "musiq"})]:
+        want = before.registry.get_sample_value(name, labels)
+        assert want is not None and after.registry.get_sample_value(name, labels) == want, name
+    assert after.last_gauges() == saved  # a checkpoint written before the next step keeps them
+
+
 def test_tensorboard_scalars_in_the_run_folder(tmp_path):
     t = Telemetry()
     t.serve(MetricsConfig(enabled=False), tensorboard_dir=tmp_path / "tensorboard")

@@ -121,16 +121,17 @@ def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path,
     monkeypatch.undo()
     assert stopped["step"] == 2 and stopped["stopped_by_signal"] == signal.SIGTERM
     assert [p.name for p in checkpoint_files.committed(tmp_path / "b" / "checkpoints")] == ["checkpoint-2"]
-    resumed_at: list[float] = []  # the step gauge when the resumed run's first step starts
+    resumed_at: list[float] = []  # the step and loss gauges when the resumed run's first step starts
     take = driver._Pipeline.take
 
     def take_and_read_gauge(self, count, *, learner_version):
         resumed_at.append(self.telemetry.registry.get_sample_value("gdpo_learner_step"))
+        resumed_at.append(self.telemetry.registry.get_sample_value("gdpo_loss"))
         return take(self, count, learner_version=learner_version)
 
     monkeypatch.setattr(driver._Pipeline, "take", take_and_read_gauge)
     resumed = train(_job(tmp_path / "b", "run.steps=3", "run.resume=true", *common))
-    assert resumed_at == [2.0], "the step gauge read 0 after the resume"
+    assert resumed_at == [2.0, pytest.approx(stopped["loss"])], "the step or loss gauge read 0 after the resume"
     assert straight["step"] == resumed["step"] == 3
     a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
     assert a.keys() == b.keys()
