@@ -42,7 +42,7 @@ from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
 from rollout.resume import DataPosition, checkpoint_root, mirror_outputs, prepare_run_folder, resume_learner
-from rollout.step_report import print_progress, record_step
+from rollout.step_report import log_trained_groups, print_progress, record_step
 from rollout.stop import StopSignals
 from rollout.validation import ValidationRunner
 
@@ -128,6 +128,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
         nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
         groups = decode_rollout(batch)
         pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
+        log_trained_groups(out, step, groups)
         if step % job.learner.push_every == 0:
             pipeline.push(learner.adapter_weights(step))
         if validation:  # every run.validate_every steps; the alarm may stop the run (validation.alarm.action)

@@ -5,6 +5,8 @@ Kept beside the loop (``rollout.driver``), which calls :func:`record_step` after
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from common.records import REFERENCE_POLICY_VERSION, GroupRewards, RolloutGroups
@@ -64,3 +66,21 @@ def print_progress(s: dict[str, float]) -> None:
         f"| {s['samples_per_second']:.2f} samples/s | learner waited {100 * s['learner_wait_fraction']:.0f}%",
         flush=True,
     )
+
+
+TRAINED_GROUPS = "trained_groups.csv"  # <output_dir>/trained_groups.csv: step,data_index,policy_version
+
+
+def log_trained_groups(out: Path, step: int, groups: RolloutGroups) -> None:
+    """Append one row per group the learner trained on at ``step`` (an audit trail for exactly-once training).
+
+    A resumed run appends to the same file; steps after the resumed checkpoint that the stopped
+    run had already logged appear twice, each time with the groups that step trained on then.
+    """
+    path = Path(out) / TRAINED_GROUPS
+    new = not path.is_file()
+    with path.open("a") as handle:
+        if new:
+            handle.write("step,data_index,policy_version\n")
+        for index, version in zip(groups.data_index.tolist(), groups.policy_version.tolist(), strict=True):
+            handle.write(f"{step},{index},{version}\n")

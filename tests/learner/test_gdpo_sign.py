@@ -8,14 +8,17 @@ relative error rises above the group's mean change.  A flipped sign anywhere
 in that chain (the advantage, the logit, the logsigmoid, the reference
 difference) makes both tests fail.
 
-Why "above the group's mean" and not "above zero" for the worst: to first order
-a step changes sample i's error by ``-lr * grad L_i . sum_j A_j grad L_j``.  The
-advantages sum to zero, so the shared part of the per-sample gradients cancels
-in the step, but not in the dot product: every sample also moves by a common
-amount, of either sign.  On the trained tiny model that common move is an
-improvement (it denoises SR latents better overall), so all four errors fall,
-the best sample's most and the worst's least.  Eq. 9 guarantees the ordering,
-not the sign of the common move.
+What Eq. 9 guarantees, and what it does not: to first order a step changes
+sample i's relative error by ``d_i = -c * grad L_i . sum_j A_j grad L_j`` (c > 0),
+so ``sum_i A_i d_i = -c |sum_j A_j grad L_j|^2 < 0``: the advantage-weighted
+relative error always falls (the logit rises).  The advantages sum to zero, so
+the part of the per-sample gradients shared by the whole group cancels in the
+step, but not in the dot product: every sample also moves by a common amount
+whose sign depends on the model.  On the 3,500-step tiny model all four errors
+fell; on the committed 8,000-step one all four rise.  So the tests pin the
+guaranteed sum, and the issue's claim with that common move removed: relative
+to the group's mean change the best sample's error falls (the most of all) and
+the worst's rises.
 
 The samples are real: a group of NAOSD outputs of the trained tiny model on a
 held-out photo, re-encoded as the rollout worker does (SPEC section 5).
@@ -91,10 +94,13 @@ def test_gdpo_step_favours_the_best_sample_and_penalises_the_worst(group):
     advantages = torch.tensor(group_advantage(rewards), dtype=torch.float32)
     assert advantages[0, 0] > 0 > advantages[0, 3]
     relative = _relative_error_after_one_step(group, advantages)
-    assert relative[0] < 0, f"best sample: policy error should fall below the reference's, got {relative}"
-    centred = relative - relative.mean()
+    weighted = float(advantages[0].numpy() @ relative)
+    assert weighted < 0, f"the advantage-weighted relative error must fall, got {weighted} from {relative}"
+    centred = relative - relative.mean()  # without the common move, whose sign Eq. 9 does not fix
     assert centred[0] < 0 < centred[3], f"best should gain most, worst least, got {relative}"
-    assert relative[0] == relative.min() and relative[3] == relative.max(), relative
+    # The best sample gains most.  The worst is not always the one that loses most (first order does not
+    # order the middle): on the committed model the second worst rises by 0.00358 against the worst's 0.00356.
+    assert relative[0] == relative.min(), relative
 
 
 def test_diffusion_dpo_special_case_favours_the_winner_over_the_loser(group):
@@ -103,5 +109,6 @@ def test_diffusion_dpo_special_case_favours_the_winner_over_the_loser(group):
     winner_first = np.sign(group_advantage(np.array([[0.8, 0.3]])))  # the advantage chain decides who wins
     assert winner_first.tolist() == [[1.0, -1.0]]
     relative = _relative_error_after_one_step(pair, torch.tensor(winner_first, dtype=torch.float32))
-    assert relative[0] < 0, f"winner error should fall below the reference's, got {relative}"
+    # With A = (+1, -1) the guaranteed sum is d_winner - d_loser < 0: relative to the pair's mean change,
+    # the winner's error falls and the loser's rises.
     assert relative[0] < relative[1], f"the winner should gain more than the loser, got {relative}"

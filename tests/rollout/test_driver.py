@@ -19,6 +19,7 @@ from rollout import driver
 from rollout.driver import train
 from rollout.job import load_job
 from rollout.pool import RolloutPool
+from rollout.step_report import TRAINED_GROUPS
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # end-to-end Ray runs, 30-90 s each
 
@@ -196,3 +197,9 @@ def test_a_sigkilled_learner_rank_is_rebuilt_and_the_run_ends_as_if_nothing_happ
     for key in a:  # resumed from checkpoint-2 with its data position: the uninterrupted run's adapter
         assert (a[key] - b[key]).abs().max() < 1e-6, key
     assert recovered["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+    # The product's own audit trail: the same groups at the same steps, each trained on once.
+    trained = [sorted((tmp_path / run / TRAINED_GROUPS).read_text().splitlines()) for run in ("a", "b")]
+    assert trained[0] == trained[1] and len(trained[0]) == 1 + 3 * 2  # header, 3 steps x 2 groups
+    assert trained[1][-1] == "step,data_index,policy_version"  # sorts last: the header, once
+    indices = [line.split(",")[1] for line in trained[1][:-1]]
+    assert len(set(indices)) == len(indices)

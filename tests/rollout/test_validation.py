@@ -74,11 +74,12 @@ def test_it_validates_the_pushed_adapter_and_never_rolls_back(validator):
 def test_a_reward_paying_for_noise_trips_the_alarm_and_stops_the_run(tmp_path, monkeypatch):
     """GDPO on a reward that pays for high-frequency energy: held-out reward up, held-out SSIM down, run stopped.
 
-    lr 5e-2 and omega 20 (far above the tiny config's) make the policy move within 4 steps; validations at
-    steps 0, 2 and 4 fill the window of 3.
+    lr 5e-2 and omega 20 (far above the tiny config's) make the policy move within 2 steps; validations at
+    steps 0, 1 and 2 fill the window of 3.  (At this lr the policy overshoots later: on the committed model
+    the held-out reward.hf is back below its start by step 4.)
     """
     job = load_job("tiny", [
-        f"run.output_dir={tmp_path}", "run.steps=4", "run.validate_every=2", *HF_REWARD,
+        f"run.output_dir={tmp_path}", "run.steps=2", "run.validate_every=1", *HF_REWARD,
         "learner.lr=5e-2", "learner.loss.omega=20", "rollout.sample_from=policy",
         "validation.crops=4", "validation.alarm={window: 3, margins: {ssim_y: 0.01}, action: stop}",
     ])  # fmt: skip
@@ -91,14 +92,14 @@ def test_a_reward_paying_for_noise_trips_the_alarm_and_stops_the_run(tmp_path, m
         driver.train(job)
     with (tmp_path / CSV_NAME).open() as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    assert [r["step"] for r in rows] == [0, 2, 4] and [r["version"] for r in rows] == [0, 2, 4]
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["version"] for r in rows] == [0, 1, 2]
     assert rows[-1]["reward.hf"] > rows[0]["reward.hf"]  # the paid-for artefact went up ...
     assert rows[-1]["ssim_y"] < rows[0]["ssim_y"] - 0.01  # ... and the held-out fidelity went down
     assert rows[-1]["psnr_y"] < rows[0]["psnr_y"]
     values = snapshot(telemetries[0].registry)
     assert values['gdpo_reward_hacking_alarms_total{metric="ssim_y"}'] == 1.0
     assert values['gdpo_validation_metric{metric="reward.hf"}'] == pytest.approx(rows[-1]["reward.hf"])
-    assert values["gdpo_validation_step"] == 4.0
+    assert values["gdpo_validation_step"] == 2.0
 
 
 def test_runner_records_csv_metrics_and_tensorboard(tmp_path):
