@@ -25,6 +25,9 @@ def free_ports(count: int) -> list[int]:
 def ray_env() -> dict[str, str]:
     """The environment for `ray start`, `ray job submit` and drivers: one auth mode for all of them."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # A private local Ray started earlier in this test process (common.ray_session) sets this to 0, which
+    # makes `ray start --address` refuse to add a node: these clusters are our own, multi-node ones.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     # The `ray` command of this interpreter's environment, also when that environment is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
