@@ -44,12 +44,18 @@ def check_location(output_dir: str, storage: str) -> None:
         return
     if not is_uri(storage) and not os.path.isabs(storage):
         raise ValueError(f"run.storage={storage!r} must be an absolute path or a URI (s3://, gs://, hdfs://, file://)")
-    local = storage.removeprefix("file://") if storage.startswith("file://") else None if is_uri(storage) else storage
-    if local is not None:  # the mirror copies output_dir into storage: they must not contain each other
+    if (local := _local_folder(storage)) is not None:  # the mirror copies output_dir into storage: keep them apart
         a, b = Path(os.path.abspath(local)), Path(os.path.abspath(output_dir))
         if a == b or a in b.parents or b in a.parents:
             raise ValueError(f"run.storage={storage!r} and run.output_dir={output_dir!r} overlap; leave run.storage "
                              "empty to keep everything in run.output_dir, or give a folder apart from it")  # fmt: skip
+
+
+def _local_folder(storage: str) -> str | None:
+    """The folder on this machine that ``storage`` names (a plain path or ``file://``), None for remote URIs."""
+    if storage.startswith("file://"):
+        return storage.removeprefix("file://")
+    return None if is_uri(storage) else storage
 
 
 def open_checked(output_dir: str, storage: str) -> None:
