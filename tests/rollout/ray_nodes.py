@@ -50,6 +50,8 @@ def start_node(args: Sequence[str], log: Path, *, cwd: Path | None = None) -> su
 
 
 def stop_node(node: subprocess.Popen) -> None:
+    if node.poll() is not None:  # it failed to start (and took its group with it): nothing to stop
+        return
     os.killpg(node.pid, signal.SIGTERM)  # `ray start --block` stops the node it started
     try:
         node.wait(timeout=60)
