@@ -34,6 +34,12 @@ def name_of(directory: str | Path) -> str:
     return str(directory).rstrip("/").rsplit("/", 1)[-1]
 
 
+def _split(directory: str | Path) -> tuple[str, str]:
+    """(root, ``checkpoint-<step>``) of a checkpoint folder or URI."""
+    root, name = str(directory).rstrip("/").rsplit("/", 1)
+    return root, name
+
+
 def committed(root: str | Path) -> list[str]:
     """Committed checkpoints under ``root`` (folder or URI), newest first; unverified (loading verifies)."""
     root = str(root)
@@ -54,7 +60,7 @@ def reject(directory: str | Path, why: str) -> str:
     directory = str(directory)
     if not is_uri(directory):
         return str(checkpoint_files.reject(directory))
-    root, name = directory.rstrip("/").rsplit("/", 1)
+    root, name = _split(directory)
     RunStorage(root).write_bytes(f"{name}/{REJECTED}", why.encode())
     return directory
 
@@ -69,7 +75,7 @@ def local_copy(directory: str | Path) -> Iterator[Path]:
     if not is_uri(directory):
         yield Path(directory)
         return
-    root, name = directory.rstrip("/").rsplit("/", 1)
+    root, name = _split(directory)
     scratch = Path(tempfile.mkdtemp(prefix="gdpo-sr-load-"))
     try:
         RunStorage(root).download_tree(name, scratch / name)

@@ -17,6 +17,7 @@ No heavy imports: the driver and every learner rank use this module.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterable
@@ -71,12 +72,18 @@ def open_checked(output_dir: str, storage: str) -> None:
         RunStorage(storage)
 
 
+@functools.lru_cache(maxsize=32)
+def _open(location: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for ``location``, once per process: opening an s3:// URI asks S3 for the region."""
+    return pafs.FileSystem.from_uri(location)
+
+
 class RunStorage:
     """A folder on any pyarrow.fs filesystem, addressed by paths relative to it (``""`` is the folder)."""
 
     def __init__(self, location: str, *, key: str = "run.storage") -> None:
         try:
-            self.fs, base = pafs.FileSystem.from_uri(location)
+            self.fs, base = _open(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as err:
             raise ValueError(f"{key}={location!r}: pyarrow.fs cannot open it: {err}") from None
         self.location, self.base = location.rstrip("/"), base.rstrip("/")
@@ -139,13 +146,10 @@ class RunStorage:
 
     def download_tree(self, rel: str, local_dir: str | Path) -> list[str]:
         """Copy every file below ``rel`` into ``local_dir``; returns the relative paths copied."""
-        local_dir = Path(local_dir)
         names = self.files(rel)
-        for name in names:
-            target = local_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(self._path(f"{rel}/{name}")) as source, target.open("wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self._path(rel), str(local_dir), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
         return names
 
 
