@@ -46,6 +46,7 @@ from common.weights import adapter_state_dict, build_policy_unet, save_adapter
 from learner.config import LearnerConfig
 from learner.objectives import ObjectiveInputs, objective_loss
 from learner.rank_checkpoint import save_atomically
+from learner.rendezvous import rendezvous_store
 from learner.reward_feedback_model import build_reward_feedback
 
 ADAPTER_DIR = "adapter"  # <checkpoint>/adapter: a peft + diffusers adapter folder (common.adapter_folder)
@@ -378,7 +379,12 @@ def _skipped_update(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-    """Join the ``torch.distributed`` group: gloo on CPU, NCCL on CUDA (one rank per process)."""
+    """Join the ``torch.distributed`` group: gloo on CPU, NCCL on CUDA (one rank per process).
+
+    Rank 0 serves the rendezvous store on ``master_addr`` only.  ``env://`` (DeepSpeed's default) would let
+    the ``TCPStore`` bind every interface, so the group is built here from a store whose listening socket
+    this function binds, and DeepSpeed adopts the initialised group.
+    """
     if dist.is_initialized():
         # A second LearnerRank in the same process (tests) reuses the group it already joined.
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
@@ -396,4 +402,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         LOCAL_RANK="0",
     )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    store = rendezvous_store(rank, world_size, master_addr, master_port)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
