@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import yaml
@@ -49,6 +49,9 @@ class PretrainRunConfig:
     output_dir: str = "runs/pretrain"  # on the driver's node; absolute under `ray job submit`
     storage: str = ""  # where checkpoints, config and model persist: a path or pyarrow.fs URI; "" = output_dir
     export_dir: str = ""  # where the merged model goes; "" = <storage or output_dir>/naosd
+    # dtype of the exported weights (training stays float32): float16 halves a merged SD folder, as SD's own
+    # fp16 releases do; the loaders upcast it (diffusers builds float32 modules unless told otherwise).
+    export_dtype: Literal["float32", "float16"] = "float32"
     resume: bool = True  # continue from the newest intact <storage or output_dir>/checkpoints/checkpoint-<step>
     log_every: int = 10
     checkpoint_every: int = 1000  # 0 = only at the end
@@ -115,11 +118,11 @@ class _PretrainHost(RendezvousHost, CheckpointHost):
     def load_checkpoint(self, directory: str) -> int:
         return self._rank.load_checkpoint(directory)
 
-    def export(self, directory: str) -> str:
+    def export(self, directory: str, dtype: str) -> str:
         if not is_uri(directory):
-            return self._rank.export(directory)
+            return self._rank.export(directory, dtype)
         with tempfile.TemporaryDirectory(prefix="gdpo-sr-export-") as scratch:
-            self._rank.export(scratch)
+            self._rank.export(scratch, dtype)
             if self._rank.rank == 0:
                 RunStorage(directory).upload_tree(scratch)
         return directory
@@ -178,7 +181,7 @@ def _loop(job: PretrainJob, ranks: list[Any], telemetry: PretrainTelemetry) -> d
         if job.run.checkpoint_every and step % job.run.checkpoint_every == 0 and step < job.run.steps:
             ray.get([r.save_checkpoint.remote(checkpoints, keep) for r in ranks])
     ray.get([r.save_checkpoint.remote(checkpoints, keep) for r in ranks])
-    exported = ray.get([r.export.remote(str(job.export_dir)) for r in ranks])[0]
+    exported = ray.get([r.export.remote(str(job.export_dir), job.run.export_dtype) for r in ranks])[0]
     print(f"model written to {exported} (load it with model.naosd_path={exported})", flush=True)
     return stats
 

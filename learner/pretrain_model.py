@@ -190,8 +190,8 @@ class PretrainNAOSD(nn.Module):
 
     # --- what GDPO loads -------------------------------------------------------------------------
 
-    def export(self, directory: str | Path) -> Path:
-        """Write ``unet/`` and ``vae/`` (LoRA merged): a folder ``model.naosd_path`` loads directly.
+    def export(self, directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``unet/`` and ``vae/`` (LoRA merged, weights in ``dtype``): a folder ``model.naosd_path`` loads.
 
         In LoRA mode the NAOSD adapters are also written as peft adapter folders
         (:mod:`common.adapter_folder`) in ``adapters/unet`` and ``adapters/vae_encoder``;
@@ -214,7 +214,7 @@ class PretrainNAOSD(nn.Module):
                 module.fuse_lora(adapter_names=[NAOSD_ADAPTER])
                 module.unload_lora()
         for module in (unet, vae):
-            module.requires_grad_(False)
+            module.requires_grad_(False).to(dtype)
         unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
         vae.save_pretrained(str(directory / "vae"), safe_serialization=True)
         return directory

@@ -229,11 +229,14 @@ class PretrainRank:
         assert saved == self.step, (saved, self.step)
         return self.step
 
-    def export(self, directory: str | Path) -> str:
-        """Rank 0 writes the merged model (``unet/``, ``vae/``) and, in LoRA mode, the adapters."""
+    def export(self, directory: str | Path, dtype: str = "float32") -> str:
+        """Rank 0 writes the merged model (``unet/``, ``vae/``, in ``dtype``) and, in LoRA mode, the adapters."""
         if self.rank == 0:
-            self.model.export(directory)
+            self.model.export(directory, dtype=_EXPORT_DTYPES[dtype])
         return str(directory)
+
+
+_EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # PretrainRunConfig.export_dtype
 
 
 def lr_factor(step: int, decay_steps: int) -> float:

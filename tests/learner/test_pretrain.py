@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torchvision
 
@@ -134,8 +135,10 @@ def test_lpips_term_reads_local_weights_and_refuses_to_run_without_them(tmp_path
         lpips_loss(str(tmp_path / "none"), "cpu")
     # The squeeze variant has small weights a test can write; VGG's are the same code path.
     torch.save(torchvision.models.squeezenet1_1().state_dict(), tmp_path / "squeezenet1_1-b8a52dc0.pth")
+    torch.manual_seed(0)
     net = lpips_arch.LPIPS(pretrained=False, net="squeeze", pnet_rand=True)
-    torch.save({k: v for k, v in net.state_dict().items() if k.startswith("lin")},
+    # LPIPS's trained linear heads are non-negative (the paper clamps them), so the distance is >= 0.
+    torch.save({k: v.abs() for k, v in net.state_dict().items() if k.startswith("lin")},
                tmp_path / Path(lpips_arch.default_model_urls["0.1_squeeze"]).name)  # fmt: skip
     loss = lpips_loss(str(tmp_path), "cpu", name="lpips", net="squeeze")
     _, hr, _ = _images(size=32)
@@ -184,7 +187,10 @@ def test_pretrain_job_through_ray_resumes_and_gdpo_loads_its_output(ray_session,
     printed = capsys.readouterr().out
     assert "resumed from checkpoint-2 at step 2" in printed and "pretrain step 3/3" in printed and stats["step"] == 3
     model = build_naosd(ModelConfig(source="tiny", naosd_path=str(tmp_path / "naosd")))
-    assert (tmp_path / "naosd" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    weights = safetensors.torch.load_file(tmp_path / "naosd" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}  # tiny_pretrain: run.export_dtype=float16
+    assert model.unet.conv_in.weight.dtype == torch.float32  # the loader upcasts
+    torch.testing.assert_close(model.unet.conv_in.weight, weights["conv_in.weight"].float(), rtol=0, atol=0)
     assert not torch.equal(model.unet.conv_in.weight, tiny_unet(0).conv_in.weight)
 
 
@@ -246,6 +252,7 @@ def test_shipped_pretraining_configs_hold_the_reference_values():
     tiny = load_pretrain_job("tiny_pretrain")
     assert tiny.model.source == "tiny_random" and tiny.pretrain.model.train_base and tiny.pretrain.loss.lambda_vsd == 0
     assert tiny.data.hr_dir == ""  # the embedded training photos: the held-out ones are never read
+    assert (tiny.run.export_dtype, paper.run.export_dtype) == ("float16", "float32")
     with pytest.raises(ValueError, match="lpips_weights_dir"):
         load_pretrain_job("paper_pretrain", ['pretrain.lpips_weights_dir=""'])
 
