@@ -41,10 +41,17 @@ from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
 from rollout.pool import RolloutPool
-from rollout.resume import DataPosition, checkpoint_root, mirror_outputs, prepare_run_folder, resume_learner
+from rollout.resume import (
+    DataPosition,
+    checkpoint_root,
+    mirror_outputs,
+    prepare_run_folder,
+    resume_learner,
+    run_outputs,
+)
 from rollout.step_report import log_trained_groups, print_progress, record_step
 from rollout.stop import StopSignals
-from rollout.validation import ValidationRunner
+from rollout.validation import CSV_NAME, ValidationRunner
 
 
 def train(job: JobConfig) -> dict[str, float]:
@@ -99,8 +106,8 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
 ) -> dict[str, float]:  # fmt: skip
     pipeline = _Pipeline(job, rollout, reward, telemetry, position, stop)
     pipeline.push(learner.adapter_weights(step))
-    if validation:  # the policy as the run starts: the alarm's first point
-        validation.after_step(step, partial(learner.adapter_weights, step))
+    if validation:  # the policy as the run starts: the alarm's next point
+        _validate_from(validation, job, learner, step)
     summary: dict[str, float] = {}
     started, waited, batch, first_step, nonfinite_in_row = time.perf_counter(), 0.0, None, step, 0
     restarts, checkpointed = 0, job.run.resume  # what a learner recovery may resume from: this run's checkpoints
@@ -122,6 +129,8 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             first_step = min(first_step, step)
             pipeline = _Pipeline(job, rollout, reward, telemetry, position, stop)  # what was in flight is re-issued
             pipeline.push(learner.adapter_weights(step))
+            if validation:
+                _validate_from(validation, job, learner, step)
             continue
         step_seconds = time.perf_counter() - step_start
         step += 1
@@ -331,6 +340,14 @@ def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: Data
     state = {"step": step, "data": asdict(position), "gauges": telemetry.last_gauges()}
     learner.save_checkpoint(checkpoint_root(job), state, keep=job.run.keep_checkpoints)
     mirror_outputs(job)  # with every checkpoint: the logs that go with it
+
+
+def _validate_from(validation: ValidationRunner, job: JobConfig, learner: LearnerGroup, step: int) -> None:
+    """Validate the policy at ``step`` after the history validated before it: a run resumed at ``step``, or
+    rolled back there by a learner recovery, validates the steps from ``step`` on again."""
+    validation.finish()
+    validation.restore(step, run_outputs(job).read(CSV_NAME))
+    validation.after_step(step, partial(learner.adapter_weights, step))
 
 
 def _recover_learner(  # noqa: PLR0917

@@ -17,14 +17,17 @@ fixed noise; a held-out metric falling meanwhile is the reward being paid for so
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
 from prometheus_client import Counter, Gauge
+from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
@@ -52,6 +55,7 @@ class ValidationConfig:
     device: str = "auto"  # "auto": cuda when available
     num_cpus: float = 1.0  # Ray resources of the validation actor
     num_gpus: float = 0.0
+    max_restarts: int = 3  # validation actors that may die in a run before the run fails (each is replaced)
     alarm: AlarmConfig = field(default_factory=lambda: AlarmConfig(margins={"psnr_y": 0.2, "ssim_y": 0.005}))
 
     def __post_init__(self) -> None:
@@ -59,8 +63,8 @@ class ValidationConfig:
             raise ValueError(f"crops >= 1 and samples >= 2 are required, got {self.crops}, {self.samples}")
         if self.crop_size < 8 or self.crop_size % 4:
             raise ValueError(f"crop_size must be a multiple of 4 and >= 8, got {self.crop_size}")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("num_cpus and num_gpus must be >= 0")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.max_restarts < 0:
+            raise ValueError("num_cpus, num_gpus and max_restarts must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +125,12 @@ class HeldoutValidator:
 
 
 class ValidationRunner:
-    """Driver side: the validation actor, its results in flight, the CSV, the metrics and the guard."""
+    """Driver side: the validation actor, its results in flight, the CSV, the metrics and the guard.
+
+    A validation actor that dies (node lost, OOM) is replaced and the validations it held are skipped, up to
+    ``config.max_restarts`` times a run; training goes on meanwhile.  After a resume, :meth:`restore` gives
+    the guard the history the stopped run had validated, so an alarm window may span the restart.
+    """
 
     def __init__(
         self,
@@ -135,19 +144,37 @@ class ValidationRunner:
         metrics: Sequence[Metric] | None = None,
     ) -> None:
         assert every > 0, "a runner exists only when run.validate_every > 0"
-        self.every, self.csv_path = every, Path(out) / CSV_NAME
+        self.every, self.csv_path, self.config = every, Path(out) / CSV_NAME, config
         self.telemetry = ValidationTelemetry(telemetry)
-        actor = ray.remote(HeldoutValidator).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
-        self.actor = actor.remote(model_config, reward_config, config, metrics)
+        actor_cls = ray.remote(HeldoutValidator).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+        self._start_actor = partial(actor_cls.remote, model_config, reward_config, config, metrics)
+        self.actor = self._start_actor()
         self.guard = RewardHackingGuard(config.alarm, ray.get(self.actor.ready.remote()))
-        self.pending: list[ray.ObjectRef] = []
+        self.pending: list[tuple[int, ray.ObjectRef]] = []  # (step, its validation), in step order
         self.alarms: list[Alarm] = []
+        self.restarts = 0
+
+    def restore(self, before_step: int, persistent_csv: bytes | None) -> int:
+        """Start the guard's history over from the run's ``validation.csv`` (the local one, else
+        ``persistent_csv``, its copy in run storage): the rows of steps before ``before_step``, where the run
+        resumes, and rewrite the CSV to those rows (the steps from there on are validated again).  Alarms are
+        not re-checked: they fired, or not, when the rows were new.  Returns the rows kept."""
+        saved = self.csv_path.read_bytes() if self.csv_path.is_file() else persistent_csv
+        rows = [r for r in csv.DictReader(io.StringIO((saved or b"").decode())) if int(r["step"]) < before_step]
+        self.guard = RewardHackingGuard(self.config.alarm, self.guard.higher_better)
+        self.csv_path.unlink(missing_ok=True)
+        for row in rows:
+            step, metrics = int(row["step"]), {k: float(v) for k, v in row.items() if k not in ("step", "version")}
+            self.guard.add_reward(step, metrics["reward"])
+            self.guard.add_validation(step, metrics)
+            write_csv_row(self.csv_path, {"step": step, "version": int(row["version"]), **metrics})
+        return len(rows)
 
     def after_step(self, step: int, weights: Callable[[], AdapterWeights]) -> None:
         """Start a validation when ``step`` is due (``weights()`` is then the adapter of that step); collect."""
         if step % self.every == 0:
             self.actor.set_adapter.remote(weights())  # actor calls run in order: validate sees this adapter
-            self.pending.append(self.actor.validate.remote(step))
+            self.pending.append((step, self.actor.validate.remote(step)))
         self._collect(timeout=0.0)
 
     def finish(self) -> None:
@@ -159,11 +186,31 @@ class ValidationRunner:
 
     def _collect(self, timeout: float | None) -> None:
         while self.pending:
-            done, _ = ray.wait(self.pending[:1], timeout=timeout)  # in order: the guard sees steps ascending
+            done, _ = ray.wait([self.pending[0][1]], timeout=timeout)  # in order: the guard sees steps ascending
             if not done:
                 return
-            self.pending.pop(0)
-            self._record(ray.get(done[0]))
+            step, _ = self.pending.pop(0)
+            try:
+                record = ray.get(done[0])
+            except RayActorError as err:
+                self._replace_actor(err, lost=[step, *(s for s, _ in self.pending)])
+                continue
+            self._record(record)
+
+    def _replace_actor(self, err: RayActorError, lost: list[int]) -> None:
+        """The actor died: the validations it held (steps ``lost``) are skipped; start a new one (the next
+        push gives it the adapter), or fail the run once ``max_restarts`` actors have died."""
+        self.pending.clear()
+        self.restarts += 1
+        self.telemetry.restarts.inc()
+        if self.restarts > self.config.max_restarts:
+            raise RuntimeError(
+                f"the validation actor died {self.restarts} times (validation.max_restarts="
+                f"{self.config.max_restarts}); last: {err}. Set run.validate_every=0 to train without validation"
+            ) from err
+        print(f"validation actor died ({type(err).__name__}); replacing it ({self.restarts} of at most "
+              f"{self.config.max_restarts}); the validations of steps {lost} are skipped", flush=True)  # fmt: skip
+        self.actor = self._start_actor()
 
     def _record(self, record: ValidationRecord) -> None:
         metrics = record.metrics
@@ -191,6 +238,7 @@ class ValidationTelemetry:
             "gdpo_reward_hacking_alarms_total", "Validations at which the reward-hacking alarm fired", ["metric"],
             registry=r,
         )  # fmt: skip
+        self.restarts = Counter("gdpo_validation_restarts_total", "Validation actors replaced after dying", registry=r)
 
     def record(self, step: int, metrics: Mapping[str, float], seconds: float) -> None:
         self.step.set(step)

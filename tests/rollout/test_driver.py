@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from rollout.driver import train
 from rollout.job import load_job
 from rollout.pool import RolloutPool
 from rollout.step_report import TRAINED_GROUPS
+from rollout.validation import CSV_NAME
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # end-to-end Ray runs, 30-90 s each
 
@@ -38,6 +40,11 @@ def _adapter(out: Path) -> dict:
     """The adapter of the run's newest checkpoint (``checkpoints/latest`` names it)."""
     latest = (out / "checkpoints" / checkpoint_files.LATEST).read_text().strip()
     return load_file(str(out / "checkpoints" / latest / "adapter" / "adapter_model.safetensors"))
+
+
+def _validated_steps(out: Path) -> list[int]:
+    with (out / CSV_NAME).open() as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -139,6 +146,8 @@ def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path,
     for key in a:  # same data, same optimizer state: the same adapter after step 3
         assert (a[key] - b[key]).abs().max() < 1e-6, key
     assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+    # The alarm's history went on from the stopped run's; step 2 validated again, once in the CSV.
+    assert _validated_steps(tmp_path / "b") == _validated_steps(tmp_path / "a") == [0, 2]
 
 
 def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path, monkeypatch):
@@ -203,3 +212,4 @@ def test_a_sigkilled_learner_rank_is_rebuilt_and_the_run_ends_as_if_nothing_happ
     assert trained[1][-1] == "step,data_index,policy_version"  # sorts last: the header, once
     indices = [line.split(",")[1] for line in trained[1][:-1]]
     assert len(set(indices)) == len(indices)
+    assert _validated_steps(tmp_path / "b") == _validated_steps(tmp_path / "a") == [0, 2]

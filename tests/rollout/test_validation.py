@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from ray import cloudpickle
 
 from common.adapter_sync import pack
 from common.naosd import ModelConfig
 from common.telemetry import MetricsConfig, Telemetry
-from common.weights import adapter_state_dict
+from common.weights import adapter_state_dict, build_naosd
 from reward_service.config import RewardConfig
 from reward_service.metrics import snapshot
 from reward_service.metrics_iqa import MetricFn
@@ -141,3 +142,35 @@ def test_tiny_config_validates_and_the_cli_reserves_the_actor():
     with pytest.raises(ValueError, match="unknown config key"):
         load_job("tiny", ["validation.bogus=1"])
     assert Path(ValidationConfig().folder) == Path()  # "" = the embedded held-out photos
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_dead_validation_actor_is_replaced_until_max_restarts_and_a_resume_restores_the_history(tmp_path, capsys):
+    config, telemetry = ValidationConfig(crops=1, samples=2, max_restarts=1), Telemetry()
+    runner = ValidationRunner(config, ModelConfig(), RewardConfig.offline(), every=1, out=tmp_path,
+                              telemetry=telemetry)  # fmt: skip
+    zeros = pack(0, {k: torch.zeros_like(v) for k, v in adapter_state_dict(build_naosd(ModelConfig()).unet).items()})
+    try:
+        runner.after_step(0, lambda: zeros)
+        runner.finish()
+        ray.kill(runner.actor, no_restart=True)  # as a lost node or an OOM kill takes it
+        runner.after_step(1, lambda: zeros)
+        runner.finish()  # step 1 is skipped, the run goes on with a new actor
+        assert "validation actor died" in capsys.readouterr().out and runner.restarts == 1
+        runner.after_step(2, lambda: zeros)
+        runner.finish()
+        (_, first), (step, again) = runner.guard.reward
+        assert step == 2 and again == first  # the new actor validates as the old one did: same policy, same noise
+        assert snapshot(telemetry.registry)["gdpo_validation_restarts_total"] == 1.0
+        saved = (tmp_path / CSV_NAME).read_bytes()
+        # A resume at step 2 (the run stopped after validating it): the history before it, the CSV cut there.
+        (tmp_path / CSV_NAME).unlink()  # another node: only the copy in run storage is left
+        assert runner.restore(2, saved) == 1
+        assert [s for s, _ in runner.guard.reward] == [0] and [s for s, _ in runner.guard.heldout["ssim_y"]] == [0]
+        assert (tmp_path / CSV_NAME).read_bytes().splitlines() == saved.splitlines()[:2]  # header and step 0
+        ray.kill(runner.actor, no_restart=True)
+        runner.after_step(3, lambda: zeros)
+        with pytest.raises(RuntimeError, match=r"died 2 times \(validation.max_restarts=1\)"):
+            runner.finish()
+    finally:
+        runner.shutdown()
