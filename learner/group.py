@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -112,6 +113,41 @@ class _RankHost(RendezvousHost, CheckpointHost):
         return self._rank.load_checkpoint(directory)
 
 
+PEER_DEATH_WAIT_S = 30.0  # how long a rank's failure waits for the others to show whether one of them died
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank's actor is gone (node lost, OOM kill): restart the group and resume it."""
+
+
+def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Every rank's result, in rank order.  A dead rank raises :class:`LearnerDied` as soon as it is seen,
+    not after the ranks still waiting for it in a collective give up; a rank that fails because a peer
+    died (gloo: the connection closed) counts as that death."""
+    remaining = list(refs)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        try:
+            ray.get(done[0])
+        except RayActorError as err:
+            raise LearnerDied(f"learner rank {refs.index(done[0])} died: {err}") from err
+        except RayTaskError:
+            _raise_if_a_rank_died(refs)
+            raise  # an error of the rank itself (a bug, a bad batch): not a death
+    return ray.get(refs)
+
+
+def _raise_if_a_rank_died(refs: list[ray.ObjectRef]) -> None:
+    finished, _ = ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_WAIT_S)
+    for ref in finished:
+        try:
+            ray.get(ref)
+        except RayActorError as err:
+            raise LearnerDied(f"learner rank {refs.index(ref)} died: {err}") from err
+        except RayTaskError:
+            continue
+
+
 class LearnerGroup:
     """``pool_config.num_ranks`` data-parallel learner ranks as Ray actors."""
 
@@ -160,15 +196,12 @@ class LearnerGroup:
 
     def finish_step(self, pending: list[ray.ObjectRef]) -> dict[str, float]:
         """Wait for the ranks of a :meth:`start_step` and return the step's global stats."""
-        return _aggregate(ray.get(pending))
+        return _aggregate(_gather(pending))
 
     def adapter_weights(self, version: int | None = None) -> AdapterWeights:
         """Rank 0's adapter (every rank takes part under ZeRO-3, where gathering it is a collective)."""
         ranks = self._ranks if self._config.zero_stage == 3 else self._ranks[:1]
-        refs = [r.adapter_weights.remote(version) for r in ranks]
-        weights = ray.get(refs[0])
-        ray.get(refs[1:])
-        return weights
+        return _gather([r.adapter_weights.remote(version) for r in ranks])[0]
 
     def push(self, rollout_actors: Sequence[Any], version: int) -> PushResult:
         """Send rank 0's adapter, labelled ``version``, to every rollout actor's ``set_adapter``."""
@@ -181,13 +214,11 @@ class LearnerGroup:
     def save_checkpoint(self, root: str | Path, client_state: dict[str, Any], *, keep: int = 0) -> str:
         """Write ``<root>/checkpoint-<step>/`` atomically (every rank its DeepSpeed state, rank 0 the
         adapter, then rank 0 seals it), keeping the newest ``keep`` (0: all); returns its location."""
-        paths = ray.get([r.save_checkpoint.remote(str(root), client_state, keep) for r in self._ranks])
-        return paths[0]
+        return _gather([r.save_checkpoint.remote(str(root), client_state, keep) for r in self._ranks])[0]
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Every rank resumes from one checkpoint folder; returns the client state saved with it."""
-        states = ray.get([r.load_checkpoint.remote(str(directory)) for r in self._ranks])
-        return states[0]
+        return _gather([r.load_checkpoint.remote(str(directory)) for r in self._ranks])[0]
 
     def resume(self, root: str | Path) -> Resumed | None:
         """Every rank resumes from the newest intact checkpoint under ``root`` (see :func:`resume_ranks`)."""

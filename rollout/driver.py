@@ -30,13 +30,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from common.adapter_sync import AdapterWeights
 from common.records import REFERENCE_POLICY_VERSION, concat, decode_rewards, decode_rollout, select_rows
 from common.telemetry import Telemetry
 from common.tiny import model_notice
-from learner.group import LearnerGroup
+from learner.group import LearnerDied, LearnerGroup
 from reward_service.pool import RewardPool
 from rollout.grid import save_sample_grid
 from rollout.job import JobConfig
@@ -119,11 +119,31 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             break
         batch, wait = taken, time.perf_counter() - wait_start
         waited += wait
-        # Training: one optimizer step; rollout and reward keep working while it runs.
+        # Training: one optimizer step; rollout and reward keep working while it runs.  A learner rank that
+        # dies anywhere in the step (training, the adapter push, the checkpoint write) rolls the group back.
         step_start = time.perf_counter()
         try:
             stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
-        except RayActorError as err:  # a learner rank died: rebuild the group, resume from the last checkpoint
+            step_seconds = time.perf_counter() - step_start
+            step += 1
+            nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
+            groups = decode_rollout(batch)
+            pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
+            log_trained_groups(out, step, groups)
+            summary = record_step(
+                telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
+                step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
+            )  # fmt: skip
+            summary["rollout_restarts"], summary["learner_restarts"] = float(sum(rollout.restarts)), float(restarts)
+            if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
+                first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
+            else:
+                steady = (summary["samples"] - first_step_samples) / (time.perf_counter() - first_step_end)
+                summary["steady_samples_per_second"] = steady
+            if step % job.run.log_every == 0:
+                print_progress(summary)
+            checkpointed |= _hand_on(job, learner, pipeline, validation, telemetry, step, position)
+        except LearnerDied as err:  # rebuild the group and resume it from the last checkpoint
             restarts += 1
             step, position = _recover_learner(job, learner, telemetry, err, restarts, checkpointed)
             first_step = min(first_step, step)
@@ -131,32 +151,6 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             pipeline.push(learner.adapter_weights(step))
             if validation:
                 _validate_from(validation, job, learner, step)
-            continue
-        step_seconds = time.perf_counter() - step_start
-        step += 1
-        nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
-        groups = decode_rollout(batch)
-        pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
-        log_trained_groups(out, step, groups)
-        if step % job.learner.push_every == 0:
-            pipeline.push(learner.adapter_weights(step))
-        if validation:  # every run.validate_every steps; the alarm may stop the run (validation.alarm.action)
-            validation.after_step(step, partial(learner.adapter_weights, step))
-        summary = record_step(
-            telemetry, groups, decode_rewards(batch), stats, step=step, run_steps=step - first_step,
-            step_seconds=step_seconds, wait=wait, waited=waited, elapsed=time.perf_counter() - started,
-        )  # fmt: skip
-        summary["rollout_restarts"], summary["learner_restarts"] = float(sum(rollout.restarts)), float(restarts)
-        if step == first_step + 1:  # steady state: from the end of this run's first step (actors warm)
-            first_step_end, first_step_samples = time.perf_counter(), summary["samples"]
-        else:
-            steady = (summary["samples"] - first_step_samples) / (time.perf_counter() - first_step_end)
-            summary["steady_samples_per_second"] = steady
-        if step % job.run.log_every == 0:
-            print_progress(summary)
-        if job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps:
-            _checkpoint(learner, job, step, position, telemetry)
-            checkpointed = True
     if validation:
         validation.finish()
     _checkpoint(learner, job, step, position, telemetry)
@@ -214,12 +208,12 @@ class _Pipeline:
     def run_until(self, pending: list[ray.ObjectRef], *, learner_version: int) -> list[ray.ObjectRef]:
         """Keep sampling and scoring until the learner's ``pending`` calls are done.
 
-        Raises at once when one of them failed (a dead rank leaves the others waiting in a collective).
+        Returns at once when one of them failed (a dead rank leaves the others waiting in a collective):
+        ``LearnerGroup.finish_step`` then says whether a rank died or raised.
         """
         while True:
             done = ray.wait(pending, num_returns=len(pending), timeout=0)[0]
-            ray.get(done)
-            if len(done) == len(pending):
+            if len(done) == len(pending) or any(_failed(ref) for ref in done):
                 return pending
             self._pump(learner_version)
 
@@ -334,6 +328,32 @@ class _Pipeline:
     def _groups_in_flight(self) -> int:
         sampling = sum(len(indices) for *_, indices in self.calls.values())
         return sampling + sum(len(ids) for ids in self.scoring.values()) + self._ready_groups()
+
+
+def _failed(ref: ray.ObjectRef) -> bool:
+    """Whether a finished call raised (a dead actor or an error in it)."""
+    try:
+        ray.get(ref)
+    except RayError:
+        return True
+    return False
+
+
+def _hand_on(  # noqa: PLR0917 - the loop's state, passed once
+    job: JobConfig, learner: LearnerGroup, pipeline: _Pipeline, validation: ValidationRunner | None,
+    telemetry: Telemetry, step: int, position: DataPosition,
+) -> bool:  # fmt: skip
+    """What a finished step passes on: its adapter to the rollout workers (every ``push_every`` steps) and to
+    validation (every ``validate_every``; the alarm may stop the run), and a checkpoint when one is due.
+    Returns whether it wrote a checkpoint."""
+    if step % job.learner.push_every == 0:
+        pipeline.push(learner.adapter_weights(step))
+    if validation:
+        validation.after_step(step, partial(learner.adapter_weights, step))
+    if not (job.learner.checkpoint_every and step % job.learner.checkpoint_every == 0 and step < job.run.steps):
+        return False
+    _checkpoint(learner, job, step, position, telemetry)
+    return True
 
 
 def _checkpoint(learner: LearnerGroup, job: JobConfig, step: int, position: DataPosition, telemetry: Telemetry) -> None:

@@ -133,3 +133,52 @@ def test_checkpoint_on_a_storage_uri_holds_both_ranks_shards_and_resumes(two_ran
     assert resumed_from.client_state == {"data_position": 20} and two.adapter_weights().digest == saved.digest
     two.step(following)
     assert two.adapter_weights().digest == uninterrupted.digest
+
+
+def _fake_rank_class() -> type:
+    """A rank stand-in whose call either dies (as SIGKILL would take it), raises, or returns, after a delay."""
+
+    class FakeRank:
+        def work(self, outcome: str, delay_s: float) -> str:
+            import os
+            import time
+
+            time.sleep(delay_s)
+            if outcome == "die":
+                os._exit(1)
+            if outcome == "raise":
+                raise RuntimeError("Connection closed by peer")  # what gloo raises on a rank whose peer died
+            return outcome
+
+    return FakeRank
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_rank_failing_because_its_peer_died_is_a_death_and_a_rank_error_alone_is_not():
+    from learner.group import LearnerDied, _gather
+
+    fake = ray.remote(num_cpus=0)(_fake_rank_class())
+    ranks = [fake.remote(), fake.remote()]
+    # The survivor's error arrives first; the death shows 0.5 s later: still a death.
+    refs = [ranks[0].work.remote("die", 0.5), ranks[1].work.remote("raise", 0.0)]
+    with pytest.raises(LearnerDied, match="learner rank 0 died"):
+        _gather(refs)
+    alive = [fake.remote(), fake.remote()]
+    with pytest.raises(ray.exceptions.RayTaskError, match="Connection closed"):  # no rank died: the error itself
+        _gather([alive[0].work.remote("ok", 0.0), alive[1].work.remote("raise", 0.0)])
+    assert _gather([alive[0].work.remote("ok", 0.0), alive[1].work.remote("fine", 0.0)]) == ["ok", "fine"]
+    for actor in (*ranks, *alive):
+        ray.kill(actor)
+
+
+def test_a_rank_killed_during_a_checkpoint_write_is_reported_as_a_death(ray_session, tmp_path):
+    import os
+    import signal
+
+    from learner.group import LearnerDied
+
+    with LearnerGroup(ModelConfig(), LearnerConfig(), LearnerPoolConfig(num_ranks=2)) as group:
+        pid = ray.get(group._ranks[1].__ray_call__.remote(lambda actor: os.getpid()))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(LearnerDied, match="learner rank 1 died"):
+            group.save_checkpoint(tmp_path, {"step": 1})

@@ -30,6 +30,16 @@ def _job(tmp_path: Path, *overrides: str):
     return load_job("tiny", [f"run.output_dir={tmp_path}", "run.steps=2", *overrides])
 
 
+COMMON = ("run.steps=3", "learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    """One uninterrupted 3-step run with a checkpoint per step: what every interrupted run must end as."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, train(_job(out, *COMMON))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,9 +122,9 @@ def test_two_of_each_pool_end_to_end_with_live_metrics(tmp_path, monkeypatch):
         _scrape(port)
 
 
-def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path, monkeypatch):
-    common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
-    straight = train(_job(tmp_path / "a", "run.steps=3", *common))
+def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path, monkeypatch, straight):
+    common = COMMON[1:]
+    straight_out, straight = straight
     finish_step = LearnerGroup.finish_step
 
     def finish_then_sigterm(self, pending):
@@ -141,13 +151,13 @@ def test_sigterm_checkpoints_and_the_resume_continues_where_it_stopped(tmp_path,
     resumed = train(_job(tmp_path / "b", "run.steps=3", "run.resume=true", *common))
     assert resumed_at == [2.0, pytest.approx(stopped["loss"])], "the step or loss gauge read 0 after the resume"
     assert straight["step"] == resumed["step"] == 3
-    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    a, b = _adapter(straight_out), _adapter(tmp_path / "b")
     assert a.keys() == b.keys()
     for key in a:  # same data, same optimizer state: the same adapter after step 3
         assert (a[key] - b[key]).abs().max() < 1e-6, key
     assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
     # The alarm's history went on from the stopped run's; step 2 validated again, once in the CSV.
-    assert _validated_steps(tmp_path / "b") == _validated_steps(tmp_path / "a") == [0, 2]
+    assert _validated_steps(tmp_path / "b") == _validated_steps(straight_out) == [0, 2]
 
 
 def test_killed_rollout_actor_is_replaced_and_the_run_completes(tmp_path, monkeypatch):
@@ -186,30 +196,57 @@ def test_policy_sampling_trains_on_fresh_enough_samples(tmp_path):
     assert result["policy_version_min"] >= 1  # the last step's groups came from an updated adapter
 
 
-def test_a_sigkilled_learner_rank_is_rebuilt_and_the_run_ends_as_if_nothing_happened(tmp_path, monkeypatch):
-    common = ("learner.checkpoint_every=1", "rollout.max_inflight_per_worker=1")
-    straight = train(_job(tmp_path / "a", "run.steps=3", *common))
+def _sigkill_rank(group: LearnerGroup, rank: int) -> int:
+    pid = ray.get(group._ranks[rank].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGKILL)  # as an OOM kill takes it
+    return pid
+
+
+def test_a_sigkilled_learner_rank_is_rebuilt_and_the_run_ends_as_if_nothing_happened(tmp_path, monkeypatch, straight):
+    straight_out, straight = straight
     start_step, calls, killed = LearnerGroup.start_step, [], []
 
     def sigkill_a_rank_then_start(self, batch):
         calls.append(1)
-        if len(calls) == 3:  # step 3, after checkpoint-2: the rank dies as an OOM kill would take it
-            pid = ray.get(self._ranks[0].__ray_call__.remote(lambda actor: os.getpid()))
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        if len(calls) == 3:  # step 3, after checkpoint-2
+            killed.append(_sigkill_rank(self, 0))
         return start_step(self, batch)
 
     monkeypatch.setattr(LearnerGroup, "start_step", sigkill_a_rank_then_start)
-    recovered = train(_job(tmp_path / "b", "run.steps=3", *common))
+    recovered = train(_job(tmp_path / "b", *COMMON))
     assert killed and recovered["step"] == 3 and recovered["learner_restarts"] == 1
-    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    a, b = _adapter(straight_out), _adapter(tmp_path / "b")
     for key in a:  # resumed from checkpoint-2 with its data position: the uninterrupted run's adapter
         assert (a[key] - b[key]).abs().max() < 1e-6, key
     assert recovered["loss"] == pytest.approx(straight["loss"], abs=1e-6)
     # The product's own audit trail: the same groups at the same steps, each trained on once.
-    trained = [sorted((tmp_path / run / TRAINED_GROUPS).read_text().splitlines()) for run in ("a", "b")]
+    trained = [sorted((out / TRAINED_GROUPS).read_text().splitlines()) for out in (straight_out, tmp_path / "b")]
     assert trained[0] == trained[1] and len(trained[0]) == 1 + 3 * 2  # header, 3 steps x 2 groups
     assert trained[1][-1] == "step,data_index,policy_version"  # sorts last: the header, once
     indices = [line.split(",")[1] for line in trained[1][:-1]]
     assert len(set(indices)) == len(indices)
-    assert _validated_steps(tmp_path / "b") == _validated_steps(tmp_path / "a") == [0, 2]
+    assert _validated_steps(tmp_path / "b") == _validated_steps(straight_out) == [0, 2]
+
+
+def test_a_rank_that_dies_while_writing_a_checkpoint_rolls_the_group_back_to_the_one_before(
+    tmp_path, monkeypatch, straight
+):
+    straight_out, straight = straight
+    save, killed = LearnerGroup.save_checkpoint, []
+
+    def sigkill_a_rank_then_save(self, root, client_state, *, keep=0):
+        if client_state["step"] == 2 and not killed:  # checkpoint-2 is never sealed
+            killed.append(_sigkill_rank(self, 0))
+        return save(self, root, client_state, keep=keep)
+
+    monkeypatch.setattr(LearnerGroup, "save_checkpoint", sigkill_a_rank_then_save)
+    recovered = train(_job(tmp_path / "b", *COMMON))
+    assert killed and recovered["step"] == 3 and recovered["learner_restarts"] == 1
+    a, b = _adapter(straight_out), _adapter(tmp_path / "b")
+    for key in a:  # resumed from checkpoint-1, steps 2 and 3 trained again on the same groups
+        assert (a[key] - b[key]).abs().max() < 1e-6, key
+    assert recovered["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+    steps = [line.split(",")[0] for line in (tmp_path / "b" / TRAINED_GROUPS).read_text().splitlines()[1:]]
+    assert steps == ["1", "1", "2", "2", "2", "2", "3", "3"]  # step 2 logged before the death, and again after
+    names = [p.name for p in checkpoint_files.committed(tmp_path / "b" / "checkpoints")]  # newest first
+    assert names[:2] == ["checkpoint-3", "checkpoint-2"]  # checkpoint-2 written again, whole, after the recovery
