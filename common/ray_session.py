@@ -21,6 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError
+
+# What ray.get raises when the actor behind a call is gone: killed, its node lost, or stopped by Ray's
+# memory monitor (OutOfMemoryError is no RayActorError).  A RayTaskError, raised by the call itself, is not.
+ACTOR_LOST = (RayActorError, NodeDiedError, OutOfMemoryError)
+
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
 _EPS = 1e-9  # Ray's fractional resources are exact to 1e-4; this only absorbs float sums
 

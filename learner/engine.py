@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from deepspeed.constants import default_pg_timeout
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -402,7 +403,8 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         LOCAL_RANK="0",
     )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    store = rendezvous_store(rank, world_size, master_addr, master_port)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    timeout = default_pg_timeout  # DeepSpeed's (env DEEPSPEED_TIMEOUT, minutes), for the store and the group
+    store = rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common import checkpoint_files, checkpoint_store
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
-from common.ray_session import pool_request, wait_placement_group
+from common.ray_session import ACTOR_LOST, pool_request, wait_placement_group
 from learner.config import LearnerConfig, LearnerPoolConfig
 
 # Per-step keys every rank reports; every other key is the objective's per-group mean over the rank's shard.
@@ -68,7 +68,8 @@ class RendezvousHost:
 
     def free_port(self, host: str) -> int:
         """A TCP port that is free on this actor's node right now (for the rendezvous)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6, as ``host`` is
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             return int(sock.getsockname()[1])
 
@@ -129,23 +130,26 @@ def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
         done, remaining = ray.wait(remaining, num_returns=1)
         try:
             ray.get(done[0])
-        except RayActorError as err:
+        except ACTOR_LOST as err:
             raise LearnerDied(f"learner rank {refs.index(done[0])} died: {err}") from err
         except RayTaskError:
-            _raise_if_a_rank_died(refs)
+            _raise_if_a_rank_died(refs, deadline=time.monotonic() + PEER_DEATH_WAIT_S)
             raise  # an error of the rank itself (a bug, a bad batch): not a death
     return ray.get(refs)
 
 
-def _raise_if_a_rank_died(refs: list[ray.ObjectRef]) -> None:
-    finished, _ = ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_WAIT_S)
-    for ref in finished:
-        try:
-            ray.get(ref)
-        except RayActorError as err:
-            raise LearnerDied(f"learner rank {refs.index(ref)} died: {err}") from err
-        except RayTaskError:
-            continue
+def _raise_if_a_rank_died(refs: list[ray.ObjectRef], deadline: float) -> None:
+    """LearnerDied when one of ``refs`` shows a dead rank before ``deadline`` (each is looked at once)."""
+    remaining = list(refs)
+    while remaining and (left := deadline - time.monotonic()) > 0:
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=left)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ACTOR_LOST as err:
+                raise LearnerDied(f"learner rank {refs.index(ref)} died: {err}") from err
+            except RayTaskError:
+                continue
 
 
 class LearnerGroup:

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 
 from common.adapter_sync import AdapterWeights
+from common.ray_session import ACTOR_LOST
 from common.records import REFERENCE_POLICY_VERSION, concat, decode_rewards, decode_rollout, select_rows
 from common.telemetry import Telemetry
 from common.tiny import model_notice
@@ -266,7 +267,7 @@ class _Pipeline:
         slot, generation, indices = self.calls.pop(ref)
         try:
             batch = self.rollout.collect(slot, ref)
-        except RayActorError as err:
+        except ACTOR_LOST as err:
             # A dead worker: a fresh one with the latest adapter takes the slot (unless that already
             # happened) and the groups go out again.  A task error (RayTaskError) is no death: the
             # worker already skips bad files, so what reaches here is systematic (no usable image, a
@@ -285,7 +286,7 @@ class _Pipeline:
         slot, generation = self.acks.pop(ref)
         try:
             ray.get(ref)
-        except RayActorError as err:
+        except ACTOR_LOST as err:
             self._replace(slot, generation, err)
         if not self.acks:  # every worker holds the new version
             self.telemetry.push_seconds.observe(time.perf_counter() - self.push_started)
@@ -366,7 +367,7 @@ def _validate_from(validation: ValidationRunner, job: JobConfig, learner: Learne
     """Validate the policy at ``step`` after the history validated before it: a run resumed at ``step``, or
     rolled back there by a learner recovery, validates the steps from ``step`` on again."""
     validation.finish()
-    validation.restore(step, run_outputs(job).read(CSV_NAME))
+    validation.restore(step, partial(run_outputs(job).read, CSV_NAME))
     validation.after_step(step, partial(learner.adapter_weights, step))
 
 

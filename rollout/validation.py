@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import ray
 from prometheus_client import Counter, Gauge
-from ray.exceptions import RayActorError
 
 from common.adapter_sync import AdapterWeights
 from common.naosd import ModelConfig
+from common.ray_session import ACTOR_LOST
 from common.telemetry import Telemetry
 from reward_service.config import RewardConfig
 from rollout.alarm import Alarm, AlarmConfig, RewardHackingGuard
@@ -154,12 +154,12 @@ class ValidationRunner:
         self.alarms: list[Alarm] = []
         self.restarts = 0
 
-    def restore(self, before_step: int, persistent_csv: bytes | None) -> int:
+    def restore(self, before_step: int, persistent_csv: Callable[[], bytes | None]) -> int:
         """Start the guard's history over from the run's ``validation.csv`` (the local one, else
-        ``persistent_csv``, its copy in run storage): the rows of steps before ``before_step``, where the run
+        ``persistent_csv()``, its copy in run storage): the rows of steps before ``before_step``, where the run
         resumes, and rewrite the CSV to those rows (the steps from there on are validated again).  Alarms are
         not re-checked: they fired, or not, when the rows were new.  Returns the rows kept."""
-        saved = self.csv_path.read_bytes() if self.csv_path.is_file() else persistent_csv
+        saved = self.csv_path.read_bytes() if self.csv_path.is_file() else persistent_csv()
         rows = [r for r in csv.DictReader(io.StringIO((saved or b"").decode())) if int(r["step"]) < before_step]
         self.guard = RewardHackingGuard(self.config.alarm, self.guard.higher_better)
         self.csv_path.unlink(missing_ok=True)
@@ -192,12 +192,12 @@ class ValidationRunner:
             step, _ = self.pending.pop(0)
             try:
                 record = ray.get(done[0])
-            except RayActorError as err:
+            except ACTOR_LOST as err:
                 self._replace_actor(err, lost=[step, *(s for s, _ in self.pending)])
                 continue
             self._record(record)
 
-    def _replace_actor(self, err: RayActorError, lost: list[int]) -> None:
+    def _replace_actor(self, err: Exception, lost: list[int]) -> None:
         """The actor died: the validations it held (steps ``lost``) are skipped; start a new one (the next
         push gives it the adapter), or fail the run once ``max_restarts`` actors have died."""
         self.pending.clear()
@@ -210,6 +210,7 @@ class ValidationRunner:
             ) from err
         print(f"validation actor died ({type(err).__name__}); replacing it ({self.restarts} of at most "
               f"{self.config.max_restarts}); the validations of steps {lost} are skipped", flush=True)  # fmt: skip
+        ray.kill(self.actor, no_restart=True)  # an unreachable one may still hold its GPU
         self.actor = self._start_actor()
 
     def _record(self, record: ValidationRecord) -> None:

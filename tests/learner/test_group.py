@@ -171,7 +171,7 @@ def test_a_rank_failing_because_its_peer_died_is_a_death_and_a_rank_error_alone_
         ray.kill(actor)
 
 
-def test_a_rank_killed_during_a_checkpoint_write_is_reported_as_a_death(ray_session, tmp_path):
+def test_a_checkpoint_call_to_a_killed_rank_is_reported_as_a_death(ray_session, tmp_path):
     import os
     import signal
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
+from datetime import timedelta
 
 import psutil
 import torch.distributed as dist
 
 from learner.rendezvous import rendezvous_store
+
+TIMEOUT = timedelta(seconds=60)
 
 
 def _listeners_on(port: int) -> set[str]:
@@ -38,9 +42,10 @@ def test_a_plain_tcpstore_binds_every_interface():
 def test_rank_zero_serves_on_the_given_address_only_and_other_ranks_connect():
     port, served = _free_port(), {}
     # Rank 0's constructor waits for the whole group, so it starts in a thread and rank 1 joins here.
-    server = threading.Thread(target=lambda: served.setdefault("store", rendezvous_store(0, 2, "127.0.0.1", port)))
+    serve = functools.partial(rendezvous_store, 0, 2, "127.0.0.1", port, TIMEOUT)
+    server = threading.Thread(target=lambda: served.setdefault("store", serve()))
     server.start()
-    client = rendezvous_store(1, 2, "127.0.0.1", port)
+    client = rendezvous_store(1, 2, "127.0.0.1", port, TIMEOUT)
     server.join(timeout=60)
     assert _listeners_on(port) == {"127.0.0.1"}
     served["store"].set("rank0", "ready")
