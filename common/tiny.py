@@ -73,7 +73,7 @@ def tiny_unet(seed: int) -> UNet2DConditionModel:
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128),
+        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=1,

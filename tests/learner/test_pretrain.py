@@ -180,7 +180,7 @@ def test_pretrain_job_through_ray_resumes_and_gdpo_loads_its_output(ray_session,
     from learner.pretrain import load_pretrain_job, pretrain
 
     overrides = [f"run.output_dir={tmp_path}", "run.steps=2", "run.log_every=1", "run.checkpoint_every=1",
-                 "data.crop_size=16", "pretrain.batch_size=4", "metrics.enabled=false"]  # fmt: skip
+                 "data.crop_size=16", "pretrain.batch_size=4", "metrics.enabled=false", "run.export_dtype=float16"]
     stats = pretrain(load_pretrain_job("tiny_pretrain", overrides))
     assert stats["step"] == 2 and math.isfinite(stats["loss_total"])
     stats = pretrain(load_pretrain_job("tiny_pretrain", [*overrides, "run.steps=3"]))
@@ -188,7 +188,7 @@ def test_pretrain_job_through_ray_resumes_and_gdpo_loads_its_output(ray_session,
     assert "resumed from checkpoint-2 at step 2" in printed and "pretrain step 3/3" in printed and stats["step"] == 3
     model = build_naosd(ModelConfig(source="tiny", naosd_path=str(tmp_path / "naosd")))
     weights = safetensors.torch.load_file(tmp_path / "naosd" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert {t.dtype for t in weights.values()} == {torch.float16}  # tiny_pretrain: run.export_dtype=float16
+    assert {t.dtype for t in weights.values()} == {torch.float16}  # run.export_dtype=float16
     assert model.unet.conv_in.weight.dtype == torch.float32  # the loader upcasts
     torch.testing.assert_close(model.unet.conv_in.weight, weights["conv_in.weight"].float(), rtol=0, atol=0)
     assert not torch.equal(model.unet.conv_in.weight, tiny_unet(0).conv_in.weight)
@@ -252,7 +252,7 @@ def test_shipped_pretraining_configs_hold_the_reference_values():
     tiny = load_pretrain_job("tiny_pretrain")
     assert tiny.model.source == "tiny_random" and tiny.pretrain.model.train_base and tiny.pretrain.loss.lambda_vsd == 0
     assert tiny.data.hr_dir == ""  # the embedded training photos: the held-out ones are never read
-    assert (tiny.run.export_dtype, paper.run.export_dtype) == ("float16", "float32")
+    assert (tiny.run.export_dtype, paper.run.export_dtype) == ("float32", "float32")  # the committed tiny model
     with pytest.raises(ValueError, match="lpips_weights_dir"):
         load_pretrain_job("paper_pretrain", ['pretrain.lpips_weights_dir=""'])
 
