@@ -214,7 +214,9 @@ class PretrainNAOSD(nn.Module):
                 module.fuse_lora(adapter_names=[NAOSD_ADAPTER])
                 module.unload_lora()
         for module in (unet, vae):
-            module.requires_grad_(False).to(dtype)
+            module.requires_grad_(False)
+            if dtype != torch.float32:  # a no-op cast still makes diffusers warn about casting with to()
+                module.to(dtype)
         unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
         vae.save_pretrained(str(directory / "vae"), safe_serialization=True)
         return directory
