@@ -55,8 +55,8 @@ def vae_reconstruction(model: NAOSD, hr: torch.Tensor) -> torch.Tensor:
     return model.decode(z).add(1).div(2)
 
 
-def compare_bicubic(model_config: ModelConfig, hr: torch.Tensor, lr: torch.Tensor, samples: int) -> None:
-    model = build_naosd(model_config).eval()
+def compare_bicubic(config: ModelConfig, hr: torch.Tensor, lr: torch.Tensor, samples: int) -> None:
+    model = build_naosd(config).eval()
     sr = sample(model, lr, samples, seed=0)
     rows = {"bicubic": image_metrics(lr.float().div(255), hr), "tiny NAOSD": image_metrics(sr, hr)}
     # Where the gap comes from: the VAE alone (HR in, HR out), the injected noise (the average of 16 samples,
@@ -64,7 +64,7 @@ def compare_bicubic(model_config: ModelConfig, hr: torch.Tensor, lr: torch.Tenso
     rows["VAE(HR)"] = image_metrics(vae_reconstruction(model, hr), hr)
     rows["mean of 16"] = image_metrics(sample(model, lr, 16, seed=0).mean(1), hr)
     for t_add in (150, 200):
-        other = build_naosd(dataclasses.replace(model_config, t_add=t_add)).eval()
+        other = build_naosd(dataclasses.replace(config, t_add=t_add)).eval()
         rows[f"t_add={t_add}"] = image_metrics(sample(other, lr, samples, seed=0), hr)
     print(f"\n(a) held-out: {len(hr)} crops of {hr.shape[-1]}x{hr.shape[-1]} from {sorted(EMBEDDED_HELDOUT)}, "
           f"x4 bicubic LR; NAOSD: mean over {samples} samples per crop")  # fmt: skip
@@ -79,6 +79,11 @@ def compare_bicubic(model_config: ModelConfig, hr: torch.Tensor, lr: torch.Tenso
 # --objective: a learner.objective, or "oars" = the nft objective on the process-aware reward with the group
 # filter (tiny stand-ins: SSIM fidelity, PIQE quality); reward_feedback uses the tiny_rfsr stand-ins.
 OBJECTIVES = ("gdpo", "dpo", "nft", "oars", "reward_feedback")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model every part starts from: the committed tiny NAOSD, or ``--naosd-path``."""
+    return ModelConfig(naosd_path=args.naosd_path)
 
 
 def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple[RewardConfig, object]:
@@ -107,14 +112,14 @@ def gdpo_run(args: argparse.Namespace, seed: int, objective: str = "gdpo") -> ob
 
     data = DataConfig(crop_size=64, degradation="bicubic", seed=seed)
     rollout_config = RolloutConfig(group_size=group_size, seed=seed, sample_from=args.sample_from)
-    rollout = RolloutWorker(ModelConfig(naosd_path=args.naosd_path), rollout_config, data, f"bench{seed}")
+    rollout = RolloutWorker(model_config(args), rollout_config, data, f"bench{seed}")
     reward_config, config = method_configs(args, objective, seed)
     reward = RewardWorker(reward_config)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.manual_seed(seed)
-    learner = LearnerRank(ModelConfig(naosd_path=args.naosd_path), config, 0, 1, "127.0.0.1", port)
+    learner = LearnerRank(model_config(args), config, 0, 1, "127.0.0.1", port)
     start = time.perf_counter()
     for step in range(steps):
         batch = rollout.generate(range(step * groups_per_step, (step + 1) * groups_per_step))
@@ -136,14 +141,14 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
         compare_objectives(args, hr, lr)
         return
     worker = RewardWorker(RewardConfig.offline())
-    start_model = build_naosd(ModelConfig(naosd_path=args.naosd_path)).eval()
+    start_model = build_naosd(model_config(args)).eval()
     rows: dict[str, list[float]] = {}
     print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
           f"omega {args.omega}, samples from the {args.sample_from}, reward {worker.metric_names} ({args.weighting}); "
           f"seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
         weights = gdpo_run(args, seed)
-        end_model = build_naosd(ModelConfig(naosd_path=args.naosd_path)).eval()
+        end_model = build_naosd(model_config(args)).eval()
         apply_to(end_model.unet, weights)
         before = sample(start_model, lr, args.samples, seed=seed)
         after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
@@ -165,7 +170,7 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
 def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
     """Every ``--objective`` for the same budget from the same start; one table of held-out changes."""
     worker = RewardWorker(RewardConfig.offline())
-    start_model = build_naosd(ModelConfig(naosd_path=args.naosd_path)).eval()
+    start_model = build_naosd(model_config(args)).eval()
     changes: dict[str, dict[str, list[float]]] = {}
     starts: dict[str, list[float]] = {}
     print(f"\n(c) objectives {args.objective}: {args.steps} steps x {args.groups_per_step} groups of "
@@ -177,7 +182,7 @@ def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Ten
             starts.setdefault(key, []).append(value)
         for objective in args.objective:
             begun = time.perf_counter()
-            end_model = build_naosd(ModelConfig(naosd_path=args.naosd_path)).eval()
+            end_model = build_naosd(model_config(args)).eval()
             apply_to(end_model.unet, gdpo_run(args, seed, objective))
             after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
             end = {**reward_metrics(worker, after, hr), **image_metrics(after, hr)}
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     hr, lr = heldout_crops(args.crops, args.size)
-    compare_bicubic(ModelConfig(naosd_path=args.naosd_path), hr, lr, args.samples)
+    compare_bicubic(model_config(args), hr, lr, args.samples)
     if not args.skip_gdpo:
         compare_gdpo(args, hr, lr)
     return 0

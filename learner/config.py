@@ -10,7 +10,7 @@ config sets ``zero_stage: 2`` and ``precision: fp16``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from common.ray_session import validate_custom_resources
 from learner.gdpo_loss import GDPOLossConfig
@@ -96,3 +96,29 @@ def _non_negative(**values: float) -> None:
     for name, value in values.items():
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``config``.
+
+    ``gradient_accumulation_steps`` is 1 because the number of micro-batches
+    per step follows the batch that arrives; :meth:`LearnerRank.train_step`
+    marks the accumulation boundary itself and scales the losses.
+    """
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_groups,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        # memory_efficient_linear (ZeRO-3) would replace torch.nn.functional.linear for the whole
+        # process and never restore it, changing every other model's arithmetic there.
+        "zero_optimization": {"stage": config.zero_stage, "memory_efficient_linear": False},
+        # A torch AdamW runs everywhere without building DeepSpeed's FusedAdam op;
+        # ZeRO refuses it unless told it is allowed.
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if config.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic loss scale
+    elif config.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds

@@ -44,7 +44,7 @@ from common.adapter_sync import AdapterWeights, digest, pack
 from common.naosd import ModelConfig, lora_parameters
 from common.records import decode_rewards, decode_rollout
 from common.weights import adapter_state_dict, build_policy_unet, save_adapter
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, deepspeed_config
 from learner.objectives import ObjectiveInputs, objective_loss
 from learner.rank_checkpoint import save_atomically
 from learner.rendezvous import rendezvous_store
@@ -56,32 +56,6 @@ _CLIENT_KEY = "gdpo_client_state"  # our key inside DeepSpeed's client state, cl
 # The only non-builtin classes DeepSpeed 0.19 pickles into its optimizer state (ZeRO 1-3, fp16/bf16):
 # plain attribute records and an int Enum, none with custom unpickling code.
 _DEEPSPEED_STATE_CLASSES = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-
-
-def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``config``.
-
-    ``gradient_accumulation_steps`` is 1 because the number of micro-batches
-    per step follows the batch that arrives; :meth:`LearnerRank.train_step`
-    marks the accumulation boundary itself and scales the losses.
-    """
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": config.micro_batch_groups,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": config.grad_clip,
-        # memory_efficient_linear (ZeRO-3) would replace torch.nn.functional.linear for the whole
-        # process and never restore it, changing every other model's arithmetic there.
-        "zero_optimization": {"stage": config.zero_stage, "memory_efficient_linear": False},
-        # A torch AdamW runs everywhere without building DeepSpeed's FusedAdam op;
-        # ZeRO refuses it unless told it is allowed.
-        "zero_allow_untested_optimizer": True,
-        "wall_clock_breakdown": False,
-    }
-    if config.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic loss scale
-    elif config.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    return ds
 
 
 def loss_noise(seed: int, group_seeds: np.ndarray, step: int, shape: tuple[int, ...]) -> Tensor:

@@ -123,33 +123,28 @@ class LearnerDied(RuntimeError):
 
 def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
     """Every rank's result, in rank order.  A dead rank raises :class:`LearnerDied` as soon as it is seen,
-    not after the ranks still waiting for it in a collective give up; a rank that fails because a peer
-    died (gloo: the connection closed) counts as that death."""
-    remaining = list(refs)
+    not after the ranks still waiting for it in a collective give up.  A rank's own error waits up to
+    ``PEER_DEATH_WAIT_S`` for the others: failing because a peer died (gloo: the connection closed) is
+    that death; otherwise the error is raised as the bug it is."""
+    results: dict[int, Any] = {}
+    remaining, task_error, deadline = list(refs), None, None
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
-        try:
-            ray.get(done[0])
-        except ACTOR_LOST as err:
-            raise LearnerDied(f"learner rank {refs.index(done[0])} died: {err}") from err
-        except RayTaskError:
-            _raise_if_a_rank_died(refs, deadline=time.monotonic() + PEER_DEATH_WAIT_S)
-            raise  # an error of the rank itself (a bug, a bad batch): not a death
-    return ray.get(refs)
-
-
-def _raise_if_a_rank_died(refs: list[ray.ObjectRef], deadline: float) -> None:
-    """LearnerDied when one of ``refs`` shows a dead rank before ``deadline`` (each is looked at once)."""
-    remaining = list(refs)
-    while remaining and (left := deadline - time.monotonic()) > 0:
-        done, remaining = ray.wait(remaining, num_returns=1, timeout=left)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            break
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=timeout)
         for ref in done:
+            rank = refs.index(ref)
             try:
-                ray.get(ref)
+                results[rank] = ray.get(ref)
             except ACTOR_LOST as err:
-                raise LearnerDied(f"learner rank {refs.index(ref)} died: {err}") from err
-            except RayTaskError:
-                continue
+                raise LearnerDied(f"learner rank {rank} died: {err}") from err
+            except RayTaskError as err:
+                if task_error is None:
+                    task_error, deadline = err, time.monotonic() + PEER_DEATH_WAIT_S
+    if task_error is not None:
+        raise task_error
+    return [results[rank] for rank in range(len(refs))]
 
 
 class LearnerGroup:

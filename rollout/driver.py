@@ -50,7 +50,7 @@ from rollout.resume import (
     resume_learner,
     run_outputs,
 )
-from rollout.step_report import log_trained_groups, print_progress, record_step
+from rollout.step_report import check_finite, log_trained_groups, print_progress, record_step
 from rollout.stop import StopSignals
 from rollout.validation import CSV_NAME, ValidationRunner
 
@@ -127,7 +127,7 @@ def _run_steps(  # noqa: PLR0917 - the loop's state, passed once
             stats = learner.finish_step(pipeline.run_until(learner.start_step(batch), learner_version=step))
             step_seconds = time.perf_counter() - step_start
             step += 1
-            nonfinite_in_row = _check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
+            nonfinite_in_row = check_finite(stats, step, nonfinite_in_row, job.run.max_nonfinite_steps, telemetry)
             groups = decode_rollout(batch)
             pipeline.forget(groups.data_index.tolist())  # trained on: no longer pending
             log_trained_groups(out, step, groups)
@@ -212,10 +212,12 @@ class _Pipeline:
         Returns at once when one of them failed (a dead rank leaves the others waiting in a collective):
         ``LearnerGroup.finish_step`` then says whether a rank died or raised.
         """
+        looked_at: set[ray.ObjectRef] = set()  # finished without error
         while True:
             done = ray.wait(pending, num_returns=len(pending), timeout=0)[0]
-            if len(done) == len(pending) or any(_failed(ref) for ref in done):
+            if len(done) == len(pending) or any(_failed(ref) for ref in done if ref not in looked_at):
                 return pending
+            looked_at.update(done)
             self._pump(learner_version)
 
     def push(self, weights: AdapterWeights) -> None:
@@ -384,18 +386,3 @@ def _recover_learner(  # noqa: PLR0917
     learner.restart()
     return resume_learner(learner, job, telemetry) if checkpointed else (0, DataPosition())
 
-
-def _check_finite(stats: dict[str, float], step: int, in_row: int, limit: int, telemetry: Telemetry) -> int:
-    """Count a skipped non-finite learner step; RuntimeError after ``limit`` in a row.  Returns the new run length."""
-    if not stats["nonfinite"]:
-        return 0
-    in_row += 1
-    telemetry.nonfinite_steps.inc()
-    print(f"step {step}: non-finite loss or gradient norm (loss {stats['loss']}, grad {stats['grad_norm']}); "
-          f"update skipped, adapter unchanged ({in_row} in a row)", flush=True)  # fmt: skip
-    if limit and in_row >= limit:
-        raise RuntimeError(
-            f"{in_row} learner steps in a row had a non-finite loss or gradient norm (run.max_nonfinite_steps="
-            f"{limit}); stopping. The adapter was never updated with them; the last checkpoint is intact."
-        )
-    return in_row

@@ -84,3 +84,19 @@ def log_trained_groups(out: Path, step: int, groups: RolloutGroups) -> None:
             handle.write("step,data_index,policy_version\n")
         for index, version in zip(groups.data_index.tolist(), groups.policy_version.tolist(), strict=True):
             handle.write(f"{step},{index},{version}\n")
+
+
+def check_finite(stats: dict[str, float], step: int, in_row: int, limit: int, telemetry: Telemetry) -> int:
+    """Count a skipped non-finite learner step; RuntimeError after ``limit`` in a row.  Returns the new run length."""
+    if not stats["nonfinite"]:
+        return 0
+    in_row += 1
+    telemetry.nonfinite_steps.inc()
+    print(f"step {step}: non-finite loss or gradient norm (loss {stats['loss']}, grad {stats['grad_norm']}); "
+          f"update skipped, adapter unchanged ({in_row} in a row)", flush=True)  # fmt: skip
+    if limit and in_row >= limit:
+        raise RuntimeError(
+            f"{in_row} learner steps in a row had a non-finite loss or gradient norm (run.max_nonfinite_steps="
+            f"{limit}); stopping. The adapter was never updated with them; the last checkpoint is intact."
+        )
+    return in_row

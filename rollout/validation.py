@@ -160,14 +160,19 @@ class ValidationRunner:
         resumes, and rewrite the CSV to those rows (the steps from there on are validated again).  Alarms are
         not re-checked: they fired, or not, when the rows were new.  Returns the rows kept."""
         saved = self.csv_path.read_bytes() if self.csv_path.is_file() else persistent_csv()
-        rows = [r for r in csv.DictReader(io.StringIO((saved or b"").decode())) if int(r["step"]) < before_step]
+        reader = csv.DictReader(io.StringIO((saved or b"").decode()))
+        rows = [r for r in reader if int(r["step"]) < before_step]
         self.guard = RewardHackingGuard(self.config.alarm, self.guard.higher_better)
-        self.csv_path.unlink(missing_ok=True)
         for row in rows:
             step, metrics = int(row["step"]), {k: float(v) for k, v in row.items() if k not in ("step", "version")}
             self.guard.add_reward(step, metrics["reward"])
             self.guard.add_validation(step, metrics)
-            write_csv_row(self.csv_path, {"step": step, "version": int(row["version"]), **metrics})
+        self.csv_path.unlink(missing_ok=True)
+        if rows:  # the kept rows as they were written (write_csv_row writes the header with a first row)
+            with self.csv_path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
         return len(rows)
 
     def after_step(self, step: int, weights: Callable[[], AdapterWeights]) -> None:

@@ -11,8 +11,8 @@ import torch
 from common.naosd import ModelConfig, lora_parameters
 from common.records import decode_rewards, decode_rollout
 from common.weights import adapter_state_dict, build_policy_unet
-from learner.config import LearnerConfig
-from learner.engine import LearnerRank, deepspeed_config, loss_noise
+from learner.config import LearnerConfig, deepspeed_config
+from learner.engine import LearnerRank, loss_noise
 from learner.gdpo_loss import gdpo_loss
 
 _TORCH_LINEAR = torch.nn.functional.linear  # captured before any DeepSpeed engine exists

@@ -13,9 +13,9 @@ import yaml
 
 from common import checkpoint_files
 from common.telemetry import Telemetry
-from rollout.driver import _check_finite
 from rollout.job import load_job
 from rollout.resume import CONFIG_FILE, config_changes, prepare_run_folder
+from rollout.step_report import check_finite
 from rollout.stop import StopSignals
 
 
@@ -87,10 +87,10 @@ def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
 def test_nonfinite_steps_in_a_row_stop_the_run():
     telemetry = Telemetry()
     nan, ok = {"nonfinite": 1.0, "loss": float("nan"), "grad_norm": float("nan")}, {"nonfinite": 0.0}
-    assert _check_finite(nan, 1, 0, 3, telemetry) == 1
-    assert _check_finite(nan, 2, 1, 3, telemetry) == 2
-    assert _check_finite(ok, 3, 2, 3, telemetry) == 0  # a good step resets the run
-    assert _check_finite(nan, 4, 0, 0, telemetry) == 1  # 0: never stop
+    assert check_finite(nan, 1, 0, 3, telemetry) == 1
+    assert check_finite(nan, 2, 1, 3, telemetry) == 2
+    assert check_finite(ok, 3, 2, 3, telemetry) == 0  # a good step resets the run
+    assert check_finite(nan, 4, 0, 0, telemetry) == 1  # 0: never stop
     with pytest.raises(RuntimeError, match=r"3 learner steps in a row .*\(run\.max_nonfinite_steps=3\)"):
-        _check_finite(nan, 5, 2, 3, telemetry)
+        check_finite(nan, 5, 2, 3, telemetry)
     assert telemetry.registry.get_sample_value("gdpo_learner_nonfinite_steps_total") == 4
