@@ -79,10 +79,12 @@ def gram_kl(policy: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
     assert len(policy) == len(reference) > 0
     terms = []
     for pol, ref in zip(policy, reference, strict=True):
-        log_p = gram_matrix(pol).flatten(1).log_softmax(dim=1)
-        log_q = gram_matrix(ref).flatten(1).log_softmax(dim=1)
+        # float64: near the reference (where training starts) the KL is ~1e-7, below float32's rounding of
+        # log-probabilities ~ -log(C^2); in float32 it comes out negative.
+        log_p = gram_matrix(pol).double().flatten(1).log_softmax(dim=1)
+        log_q = gram_matrix(ref).double().flatten(1).log_softmax(dim=1)
         terms.append((log_q.exp() * (log_q - log_p)).sum(dim=1))
-    return torch.stack(terms).mean(dim=0)
+    return torch.stack(terms).mean(dim=0).float()
 
 
 def reward_feedback_loss(

@@ -42,7 +42,7 @@ def _adapted(config: ModelConfig, lr: torch.Tensor) -> NAOSD:
     model = build_naosd(config)
     reference = _sample(model, lr)  # the fresh adapter has B = 0: the base model's output
     randomise_lora(model)
-    assert float((_sample(model, lr) - reference).abs().max()) > 5e-3  # measured 0.0086: 860x the tolerance below
+    assert float((_sample(model, lr) - reference).abs().max()) > 5e-3  # measured 0.019: 1,900x the tolerance below
     return model
 
 

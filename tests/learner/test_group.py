@@ -59,13 +59,13 @@ def test_two_ranks_step_like_one(two_ranks, scored_batch, free_port):
         assert stats_two["step"] == stats_one["step"] == seed
         assert stats_two["num_groups"] == 4 and stats_two["world_size"] == 2
         # omega = 5000 amplifies float32 rounding in the loss and its gradient (the gradient norm is in the
-        # thousands on the committed model; measured 8e-5 apart); the adapters are the real check.
+        # thousands on the committed model; measured 7e-3 apart, 1e-6 relative); the adapters are the real check.
         assert stats_two["grad_norm"] == pytest.approx(stats_one["grad_norm"], rel=1e-3)
         assert stats_two["loss"] == pytest.approx(stats_one["loss"], rel=1e-3)
         # Adam moves every element by up to lr = 5e-5 a step whatever its gradient's size, so elements with a
         # near-zero gradient carry the reduction order's rounding into the update (measured 5.1e-6 after 2
-        # steps). A gradient of another direction (a rank's groups lost or counted twice) flips the sign of
-        # elements' steps: differences of up to 2 lr each step.
+        # steps on an earlier tiny model, 0 on the committed one). A gradient of another direction (a rank's
+        # groups lost or counted twice) flips the sign of elements' steps: differences of up to 2 lr each step.
         assert _max_abs_diff(one.adapter_weights(), two_ranks.adapter_weights()) < 2e-5
 
 

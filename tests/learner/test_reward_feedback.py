@@ -48,6 +48,19 @@ def test_gram_kl_by_hand():
     assert gram_kl([pol, pol], [pol, pol]).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_gram_kl_near_the_reference_is_positive():
+    """Where training starts the policy's Gram barely differs from the reference's: a KL under float32's rounding."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 64, 8, 8, generator=gen)
+    pol = ref + 1e-3 * torch.randn(ref.shape, generator=gen)
+    ours = gram_kl([pol], [ref])
+    grams = [f.double().flatten(2) @ f.double().flatten(2).transpose(1, 2) / 64 for f in (pol, ref)]  # h w = 64
+    log_p, log_q = (g.flatten(1).log_softmax(dim=1) for g in grams)
+    exact = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    assert (ours > 0).all(), ours
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=0)
+
+
 def test_loss_by_hand():
     sr, hr = torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), 0.25)
     sr_ref = torch.zeros(1, 3, 2, 2)

@@ -76,8 +76,8 @@ def test_a_reward_paying_for_noise_trips_the_alarm_and_stops_the_run(tmp_path, m
     """GDPO on a reward that pays for high-frequency energy: held-out reward up, held-out SSIM down, run stopped.
 
     lr 5e-2 and omega 20 (far above the tiny config's) make the policy move within 2 steps; validations at
-    steps 0, 1 and 2 fill the window of 3.  (At this lr the policy overshoots later: on the committed model
-    the held-out reward.hf is back below its start by step 4.)
+    steps 0, 1 and 2 fill the window of 3.  (At this lr the policy overshoots later: on an earlier tiny model
+    the held-out reward.hf was back below its start by step 4.)
     """
     job = load_job("tiny", [
         f"run.output_dir={tmp_path}", "run.steps=2", "run.validate_every=1", *HF_REWARD,
