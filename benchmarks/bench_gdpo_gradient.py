@@ -13,7 +13,11 @@ With a per-step gradient whose consistent part is a fraction ``f`` of its length
 on the order of ``1 / f^2`` gradients before the drift beats the random walk: that, against the
 paper's 64 groups per step for 1,500 steps, is what the numbers are for.
 
+``--shared-noise`` draws one loss noise per group (``learner.loss.noise=per_group``), as Diffusion-DPO's
+code does for its pair: the members' errors then differ only through their latents.
+
     python benchmarks/bench_gdpo_gradient.py                  # 4 groups of G = 6, 8 draws each
+    python benchmarks/bench_gdpo_gradient.py --shared-noise   # the same with one noise per group
 """
 
 from __future__ import annotations
@@ -49,18 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--draws", type=int, default=8, help="loss-noise draws per group")
     parser.add_argument("--omega", type=float, default=5000.0)
+    parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"])
+    parser.add_argument(
+        "--shared-noise",
+        action="store_true",
+        help="one loss noise per group (learner.loss.noise=per_group), as Diffusion-DPO shares it in a pair",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = DataConfig(crop_size=64, degradation="bicubic", seed=0)
     rollout = RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=0), data, "grad")
-    scored, _ = RewardWorker(RewardConfig.offline()).score_batch(rollout.generate(range(args.groups)))
+    reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
+    scored, _ = reward.score_batch(rollout.generate(range(args.groups)))
     groups, rewards = decode_rollout(scored), decode_rewards(scored)
     model, config = rollout.model, GDPOLossConfig(omega=args.omega)
     lora = [p.requires_grad_(True) for name, p in model.unet.named_parameters() if ".gdpo." in name]
 
     def gradient(i: int, draw: int) -> torch.Tensor:
         latents = torch.tensor(groups.latents[i : i + 1])
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1000 * i + draw))
+        shape = (1, 1, *latents.shape[2:]) if args.shared_noise else latents.shape
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(1000 * i + draw)).expand(latents.shape)
         out = gdpo_loss(
             model.unet,
             latents=latents,
@@ -75,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat(flat)
 
     print(f"GDPO gradient on the adapter of the committed tiny NAOSD (policy = reference), omega {args.omega}, "
-          f"{args.groups} groups of G={args.group_size}, {args.draws} loss-noise draws each")  # fmt: skip
+          f"{args.groups} groups of G={args.group_size}, {args.draws} loss-noise draws each, reward {args.weighting}, "
+          f"{'one loss noise per group' if args.shared_noise else 'a fresh loss noise per sample'}")  # fmt: skip
     means, within_all = [], []
     for i in range(args.groups):
         draws = torch.stack([gradient(i, k) for k in range(args.draws)])
@@ -87,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     between = [cosine(means[a], means[b]) for a, b in itertools.combinations(range(args.groups), 2)]
     print(f"within a group, cosine between two loss-noise draws: mean {np.mean(within_all):+.3f}")
     print(f"between groups, cosine of {args.draws}-draw mean gradients: mean {np.mean(between):+.3f} "
-          f"(min {np.min(between):+.3f}, max {np.max(between):+.3f})")  # fmt: skip
+          f"(min {np.min(between):+.3f}, max {np.max(between):+.3f}; {len(between)} pairs)")  # fmt: skip
     return 0
 
 

@@ -96,8 +96,9 @@ def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple
     if objective == "oars":
         reward = RewardConfig(kind="process_aware", fr_metrics=("ssim",), nr_metrics=("piqe",), filter_groups=True)
     rf = RewardFeedbackConfig(metric="sobel_sharpness", features="tiny_conv")
+    loss = GDPOLossConfig(omega=args.omega, noise=args.loss_noise)
     learner = LearnerConfig(
-        lr=args.lr, seed=seed, checkpoint_every=0, loss=GDPOLossConfig(omega=args.omega), reward_feedback=rf,
+        lr=args.lr, seed=seed, checkpoint_every=0, loss=loss, reward_feedback=rf,
         objective="nft" if objective == "oars" else objective,
     )  # fmt: skip
     return reward, learner
@@ -144,8 +145,8 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
     start_model = build_naosd(model_config(args)).eval()
     rows: dict[str, list[float]] = {}
     print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
-          f"omega {args.omega}, samples from the {args.sample_from}, reward {worker.metric_names} ({args.weighting}); "
-          f"seeds {args.seeds}")  # fmt: skip
+          f"omega {args.omega}, loss noise {args.loss_noise}, samples from the {args.sample_from}, "
+          f"reward {worker.metric_names} ({args.weighting}); seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
         weights = gdpo_run(args, seed)
         end_model = build_naosd(model_config(args)).eval()
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"],
                         help="the training reward's weighting (reward.weighting); evaluation always reports ARF")
     parser.add_argument("--omega", type=float, default=5000.0)
+    parser.add_argument("--loss-noise", default="per_sample", choices=["per_sample", "per_group"],
+                        help="learner.loss.noise: a fresh e_i per member (SPEC 5) or one per group (Diffusion-DPO)")
     parser.add_argument("--sample-from", default="reference", choices=["reference", "policy"],
                         help="rollout.sample_from: the frozen reference (paper) or the current policy")
     parser.add_argument("--objective", nargs="+", default=["gdpo"], choices=OBJECTIVES,

@@ -15,6 +15,7 @@ With G = 2 and A = (+1, -1) this is the Diffusion-DPO loss with beta = omega.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,16 @@ class GDPOLossConfig:
     omega: float = 5000.0
     t_noise: int = 250  # timestep at which z0 is re-noised
     t_model: int = 100  # timestep the UNets are asked at
+    # per_sample: SPEC 5's reference, a fresh e_i for every member.  per_group: one e for the whole group
+    # (member 0's), as Diffusion-DPO's own code shares it between winner and loser.  Same expected logit,
+    # far less gradient noise: the members' errors then differ only through their latents.
+    noise: Literal["per_sample", "per_group"] = "per_sample"
 
     def __post_init__(self) -> None:
         if self.omega <= 0:
             raise ValueError(f"omega must be positive, got {self.omega}")
+        if self.noise not in ("per_sample", "per_group"):
+            raise ValueError(f"noise must be per_sample or per_group, got {self.noise!r}")
         check_timesteps(self.t_noise, self.t_model)
 
 
@@ -66,13 +73,15 @@ def gdpo_loss(
         unet: the policy UNet carrying the LoRA adapter; with the adapter
             disabled it is the reference.
         latents: ``[B, G, C, h, w]`` re-encoded SR latents ``z0`` (scaled).
-        noise: ``[B, G, C, h, w]`` the fresh ``e_i``.
+        noise: ``[B, G, C, h, w]`` the fresh ``e_i`` (with ``config.noise == "per_group"`` only member 0's is used).
         text_emb: ``[B, L, D]`` one text embedding per image, shared by its group.
         advantages: ``[B, G]`` group-relative advantages (Eq. 8).
         alphas_cumprod: ``[T]`` the DDPM schedule's ``abar``.
     """
     b, g = advantages.shape
     assert latents.shape[:2] == (b, g), (latents.shape, advantages.shape)
+    if config.noise == "per_group":
+        noise = noise[:, :1].expand_as(noise)
     x, target, cond = renoised(latents, noise, text_emb, alphas_cumprod[config.t_noise])
     policy_mse = per_sample_mse(predict_noise(unet, x, cond, config.t_model), target).unflatten(0, (b, g))
     with torch.no_grad(), adapter_disabled(unet):

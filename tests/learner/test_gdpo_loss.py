@@ -66,6 +66,50 @@ def test_g2_with_plus_minus_one_is_diffusion_dpo(policy, omega, lora_scale, rtol
     _with_nonzero_lora(unet, scale=0.0)
 
 
+def test_per_group_noise_is_diffusion_dpos_shared_pair_noise(policy):
+    """``noise: per_group`` with G = 2 is Diffusion-DPO as its own code runs it: one noise for winner and loser."""
+    unet, abar = policy
+    _with_nonzero_lora(unet, scale=1e-4)
+    data = loss_inputs(b=3, g=2)
+    advantages = torch.tensor([[1.0, -1.0]] * 3)
+    config = GDPOLossConfig(noise="per_group")
+    ours = gdpo_loss(unet, **data, advantages=advantages, alphas_cumprod=abar, config=config)
+    fresh = gdpo_loss(unet, **data, advantages=advantages, alphas_cumprod=abar, config=GDPOLossConfig())
+
+    a = abar[config.t_noise]
+    e = data["noise"][:, 0]  # the winner's draw, for both
+    x = a.sqrt() * data["latents"] + (1 - a).sqrt() * e[:, None]  # [B, 2, 4, 4, 4]
+    theirs = _diffusion_dpo(
+        unet, x_w=x[:, 0], x_l=x[:, 1], e_w=e, e_l=e, cond=data["text_emb"], t=config.t_model, beta=config.omega
+    )
+    assert 0.05 < ours.loss.item() < 5.0, "the test should sit where the loss is not saturated"
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-3, atol=0.0)  # omega 5000: see the test above
+    assert abs(ours.loss.item() - fresh.loss.item()) > 1e-2, "per_group must change the loss noise"
+    _with_nonzero_lora(unet, scale=0.0)
+
+
+def test_per_group_noise_gives_identical_samples_a_zero_logit(policy):
+    """The point of sharing the noise: members differ only through their latents, so a group of identical
+    samples carries no preference at all, whatever the policy.  With a fresh e_i each, the noise alone
+    makes a large logit."""
+    unet, abar = policy
+    _with_nonzero_lora(unet, scale=1e-2)
+    data = loss_inputs(b=2, g=3)
+    data["latents"] = data["latents"][:, :1].expand_as(data["latents"]).clone()
+    advantages = torch.tensor([[1.0, -0.5, -0.5], [-1.0, 0.0, 1.0]])
+    kwargs = {**data, "advantages": advantages, "alphas_cumprod": abar}
+    shared = gdpo_loss(unet, **kwargs, config=GDPOLossConfig(noise="per_group"))
+    fresh = gdpo_loss(unet, **kwargs, config=GDPOLossConfig(noise="per_sample"))
+    assert shared.inside.abs().max() < 1e-2, shared.inside  # omega x float32 rounding of equal MSEs
+    assert fresh.inside.abs().min() > 1.0, fresh.inside
+    _with_nonzero_lora(unet, scale=0.0)
+
+
+def test_loss_config_rejects_unknown_noise():
+    with pytest.raises(ValueError, match="per_sample or per_group"):
+        GDPOLossConfig(noise="per_batch")
+
+
 def test_zero_advantages_give_log_2(policy):
     unet, abar = policy
     _with_nonzero_lora(unet, scale=1e-2)  # policy != reference: the zero must come from the advantages

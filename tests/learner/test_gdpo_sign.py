@@ -59,7 +59,7 @@ def group() -> dict[str, torch.Tensor]:
     }
 
 
-def _relative_error_after_one_step(group: dict, advantages: torch.Tensor) -> np.ndarray:
+def _relative_error_after_one_step(group: dict, advantages: torch.Tensor, noise: str) -> np.ndarray:
     """``L_pol(i) - L_ref(i)`` per sample after one gradient step on the GDPO loss, from policy = reference.
 
     The step is plain gradient descent of a fixed small length (1e-3 in parameter space), so the
@@ -69,7 +69,7 @@ def _relative_error_after_one_step(group: dict, advantages: torch.Tensor) -> np.
     lora = [p for n, p in unet.named_parameters() if ".gdpo." in n]
     state = [p.detach().clone() for p in lora]
     inputs = {k: group[k] for k in ("latents", "noise", "text_emb", "alphas_cumprod")}
-    config = GDPOLossConfig()
+    config = GDPOLossConfig(noise=noise)
     try:
         before = gdpo_loss(unet, advantages=advantages, config=config, **inputs)
         # LoRA B = 0 at init: the policy starts as the reference, so the relative error starts at 0.
@@ -90,11 +90,16 @@ def _relative_error_after_one_step(group: dict, advantages: torch.Tensor) -> np.
                 p.copy_(saved)
 
 
-def test_gdpo_step_favours_the_best_sample_and_penalises_the_worst(group):
+# Both loss-noise modes (learner.loss.noise): the guarantee below holds for any fixed noise.
+NOISE = pytest.mark.parametrize("noise", ["per_sample", "per_group"])
+
+
+@NOISE
+def test_gdpo_step_favours_the_best_sample_and_penalises_the_worst(group, noise):
     rewards = np.array([[0.9, 0.2, 0.6, 0.1]])  # sample 0 best, sample 3 worst
     advantages = torch.tensor(group_advantage(rewards), dtype=torch.float32)
     assert advantages[0, 0] > 0 > advantages[0, 3]
-    relative = _relative_error_after_one_step(group, advantages)
+    relative = _relative_error_after_one_step(group, advantages, noise)
     weighted = float(advantages[0].numpy() @ relative)
     assert weighted < 0, f"the advantage-weighted relative error must fall, got {weighted} from {relative}"
     centred = relative - relative.mean()  # without the common move, whose sign Eq. 9 does not fix
@@ -104,12 +109,13 @@ def test_gdpo_step_favours_the_best_sample_and_penalises_the_worst(group):
     assert relative[0] == relative.min(), relative
 
 
-def test_diffusion_dpo_special_case_favours_the_winner_over_the_loser(group):
+@NOISE
+def test_diffusion_dpo_special_case_favours_the_winner_over_the_loser(group, noise):
     """G = 2 with A = (+1, -1): Diffusion-DPO (SPEC section 5), winner first."""
     pair = {**group, "latents": group["latents"][:, :2], "noise": group["noise"][:, :2]}
     winner_first = np.sign(group_advantage(np.array([[0.8, 0.3]])))  # the advantage chain decides who wins
     assert winner_first.tolist() == [[1.0, -1.0]]
-    relative = _relative_error_after_one_step(pair, torch.tensor(winner_first, dtype=torch.float32))
+    relative = _relative_error_after_one_step(pair, torch.tensor(winner_first, dtype=torch.float32), noise)
     # With A = (+1, -1) the guaranteed sum is d_winner - d_loser < 0: relative to the pair's mean change,
     # the winner's error falls and the loser's rises.
     assert relative[0] < relative[1], f"the winner should gain more than the loser, got {relative}"

@@ -14,6 +14,7 @@ def test_defaults_are_the_papers_optimiser():
         5e-5, (0.9, 0.999), 1e-2, 1e-8, 1.0,
     )  # fmt: skip
     assert config.loss.omega == 5000.0 and (config.loss.t_noise, config.loss.t_model) == (250, 100)
+    assert config.loss.noise == "per_sample"  # SPEC section 5: a fresh e_i for every group member
 
 
 def test_from_mapping_builds_the_nested_loss_config():
@@ -26,6 +27,9 @@ def test_from_mapping_builds_the_nested_loss_config():
         from_mapping(LearnerConfig, {"loss": {"omega": 0}}, where="learner")
     with pytest.raises(ValueError, match="precision"):
         from_mapping(LearnerConfig, {"precision": "fp8"})
+    assert from_mapping(LearnerConfig, {"loss": {"noise": "per_group"}}).loss.noise == "per_group"
+    with pytest.raises(ValueError, match="noise"):
+        from_mapping(LearnerConfig, {"loss": {"noise": "per_batch"}})
 
 
 @pytest.mark.parametrize(
