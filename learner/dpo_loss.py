@@ -4,8 +4,9 @@ From each group the highest-reward sample is the winner and the lowest the
 loser; the loss is SPEC section 5's with G = 2 and A = (+1, -1), so
 ``beta = omega``.  With ``loss.noise: per_group`` winner and loser share the
 winner's loss noise, as Diffusion-DPO's own training code does; the default
-gives each its own (SPEC section 5).  A group whose G rewards are all equal picks the same sample
-twice: its logit is exactly 0 and it adds ``log 2`` and no gradient.
+gives each its own (SPEC section 5).  A group whose G rewards are all equal
+picks the same sample twice: its logit is exactly 0 and it adds ``log 2`` and
+no gradient.
 """
 
 from __future__ import annotations
