@@ -13,11 +13,15 @@ With a per-step gradient whose consistent part is a fraction ``f`` of its length
 on the order of ``1 / f^2`` gradients before the drift beats the random walk: that, against the
 paper's 64 groups per step for 1,500 steps, is what the numbers are for.
 
+``--resample`` also draws a second group of every crop from other NAOSD noise and compares the two groups'
+gradients: near 1 if an image's preference is its own, near 0 if the sampling noise decides it.
+
 ``--shared-noise`` draws one loss noise per group (``learner.loss.noise=per_group``), as Diffusion-DPO's
 code does for its pair: the members' errors then differ only through their latents.
 
     python benchmarks/bench_gdpo_gradient.py                  # 4 groups of G = 6, 8 draws each
     python benchmarks/bench_gdpo_gradient.py --shared-noise   # the same with one noise per group
+    python benchmarks/bench_gdpo_gradient.py --groups 12 --draws 4 --shared-noise --resample --weighting fr_only
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from common.naosd import ModelConfig
@@ -47,7 +52,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=6)
@@ -59,17 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one loss noise per group (learner.loss.noise=per_group), as Diffusion-DPO shares it in a pair",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--resample",
+        action="store_true",
+        help="also a second group of every crop from other NAOSD noise: does the same image prefer the same way?",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)
-    data = DataConfig(crop_size=64, degradation="bicubic", seed=0)
-    rollout = RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=0), data, "grad")
+    data = DataConfig(crop_size=64, degradation="bicubic", seed=0)  # the same crops for every rollout seed
     reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
-    scored, _ = reward.score_batch(rollout.generate(range(args.groups)))
-    groups, rewards = decode_rollout(scored), decode_rewards(scored)
-    model, config = rollout.model, GDPOLossConfig(omega=args.omega)
+    rollouts = [RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
+                for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
+    scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
+    model, config = rollouts[0].model, GDPOLossConfig(omega=args.omega)
     lora = [p.requires_grad_(True) for name, p in model.unet.named_parameters() if ".gdpo." in name]
 
-    def gradient(i: int, draw: int) -> torch.Tensor:
+    def gradient(batch: pa.RecordBatch, i: int, draw: int) -> torch.Tensor:
+        groups, rewards = decode_rollout(batch), decode_rewards(batch)
         latents = torch.tensor(groups.latents[i : i + 1])
         shape = (1, 1, *latents.shape[2:]) if args.shared_noise else latents.shape
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(1000 * i + draw)).expand(latents.shape)
@@ -91,16 +106,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{'one loss noise per group' if args.shared_noise else 'a fresh loss noise per sample'}")  # fmt: skip
     means, within_all = [], []
     for i in range(args.groups):
-        draws = torch.stack([gradient(i, k) for k in range(args.draws)])
+        draws = torch.stack([gradient(scored[0], i, k) for k in range(args.draws)])
         within = float(np.mean([cosine(draws[a], draws[b]) for a, b in itertools.combinations(range(args.draws), 2)]))
         within_all.append(within)
         means.append(draws.mean(0))
-        print(f"  group {i}: advantages {np.array2string(rewards.advantage[i], precision=2)}; "
+        advantages = decode_rewards(scored[0]).advantage[i]
+        print(f"  group {i}: advantages {np.array2string(advantages, precision=2)}; "
               f"cosine between two draws {within:+.3f}", flush=True)  # fmt: skip
     between = [cosine(means[a], means[b]) for a, b in itertools.combinations(range(args.groups), 2)]
     print(f"within a group, cosine between two loss-noise draws: mean {np.mean(within_all):+.3f}")
     print(f"between groups, cosine of {args.draws}-draw mean gradients: mean {np.mean(between):+.3f} "
           f"(min {np.min(between):+.3f}, max {np.max(between):+.3f}; {len(between)} pairs)")  # fmt: skip
+    if args.resample:  # > 0: an image's preference is its own (learnable); ~ 0: it is the sampling noise's
+        same = [cosine(means[i], torch.stack([gradient(scored[1], i, k) for k in range(args.draws)]).mean(0))
+                for i in range(args.groups)]  # fmt: skip
+        print(f"same crop, a second group from other NAOSD noise: cosine of the two groups' mean gradients "
+              f"{np.mean(same):+.3f} (min {np.min(same):+.3f}, max {np.max(same):+.3f}; {len(same)} crops)")
     return 0
 
 
