@@ -36,7 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from common.naosd import ModelConfig
@@ -80,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = [RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
                 for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
     scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
-    model, config = rollouts[0].model, GDPOLossConfig(omega=args.omega)
+    config = GDPOLossConfig(omega=args.omega, noise="per_group" if args.shared_noise else "per_sample")
+    model = rollouts[0].model
     lora = [p.requires_grad_(True) for name, p in model.unet.named_parameters() if ".gdpo." in name]
 
-    def gradient(batch: pa.RecordBatch, i: int, draw: int) -> torch.Tensor:
-        groups, rewards = decode_rollout(batch), decode_rewards(batch)
+    def gradient(r: int, i: int, draw: int) -> torch.Tensor:
+        """Group ``i`` of rollout ``r``, loss-noise draw ``draw``: every group has draws of its own."""
+        groups, rewards = decode_rollout(scored[r]), decode_rewards(scored[r])
         latents = torch.tensor(groups.latents[i : i + 1])
-        shape = (1, 1, *latents.shape[2:]) if args.shared_noise else latents.shape
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(1000 * i + draw)).expand(latents.shape)
+        seed = 1000 * (r * args.groups + i) + draw
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         out = gdpo_loss(
             model.unet,
             latents=latents,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'one loss noise per group' if args.shared_noise else 'a fresh loss noise per sample'}")  # fmt: skip
     means, within_all = [], []
     for i in range(args.groups):
-        draws = torch.stack([gradient(scored[0], i, k) for k in range(args.draws)])
+        draws = torch.stack([gradient(0, i, k) for k in range(args.draws)])
         within = float(np.mean([cosine(draws[a], draws[b]) for a, b in itertools.combinations(range(args.draws), 2)]))
         within_all.append(within)
         means.append(draws.mean(0))
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"between groups, cosine of {args.draws}-draw mean gradients: mean {np.mean(between):+.3f} "
           f"(min {np.min(between):+.3f}, max {np.max(between):+.3f}; {len(between)} pairs)")  # fmt: skip
     if args.resample:  # > 0: an image's preference is its own (learnable); ~ 0: it is the sampling noise's
-        same = [cosine(means[i], torch.stack([gradient(scored[1], i, k) for k in range(args.draws)]).mean(0))
+        same = [cosine(means[i], torch.stack([gradient(1, i, k) for k in range(args.draws)]).mean(0))
                 for i in range(args.groups)]  # fmt: skip
         print(f"same crop, a second group from other NAOSD noise: cosine of the two groups' mean gradients "
               f"{np.mean(same):+.3f} (min {np.min(same):+.3f}, max {np.max(same):+.3f}; {len(same)} crops)")

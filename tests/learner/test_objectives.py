@@ -37,8 +37,9 @@ class ToyUNet(nn.Module):
         return SimpleNamespace(sample=scale * x + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1))
 
 
-def _x(data: dict, i: int, j: int, abar: float) -> tuple[Tensor, Tensor, float]:
-    z, e = data["latents"][i, j].double(), data["noise"][i, j].double()
+def _x(data: dict, i: int, j: int, abar: float, noise_of: int | None = None) -> tuple[Tensor, Tensor, float]:
+    """Sample ``j`` of image ``i`` re-noised with sample ``noise_of``'s noise (its own by default)."""
+    z, e = data["latents"][i, j].double(), data["noise"][i, j if noise_of is None else noise_of].double()
     return math.sqrt(abar) * z + math.sqrt(1 - abar) * e, e, float(data["text_emb"][i].double().mean())
 
 
@@ -50,17 +51,20 @@ def test_winner_and_loser_are_the_highest_and_lowest_reward():
     assert winner_loser(rewards).tolist() == [[1, 2], [2, 1], [0, 0]]
 
 
-def test_dpo_matches_a_hand_computation(policy):
+@pytest.mark.parametrize("noise", ["per_sample", "per_group"])
+def test_dpo_matches_a_hand_computation(policy, noise):
+    """per_group: winner and loser share the winner's loss noise, as Diffusion-DPO's train.py does."""
     _, abar = policy
     toy, data = ToyUNet(base=0.3, lora=0.05), loss_inputs(2, 3, seed=4)
-    rewards = torch.tensor([[0.2, 0.9, 0.1], [0.5, 0.3, 0.7]])
-    out = dpo_loss(toy, **data, rewards=rewards, alphas_cumprod=abar, config=GDPOLossConfig(omega=50.0))
+    rewards = torch.tensor([[0.2, 0.9, 0.1], [0.5, 0.3, 0.7]])  # winners at 1 and 2: not member 0
+    config = GDPOLossConfig(omega=50.0, noise=noise)
+    out = dpo_loss(toy, **data, rewards=rewards, alphas_cumprod=abar, config=config)
 
     a, losses = float(abar[250]), []
     for i, (winner, loser) in enumerate([(1, 2), (2, 1)]):  # Diffusion-DPO: (winner, loser) by reward
         diffs = []
         for j in (winner, loser):
-            x, e, c = _x(data, i, j, a)
+            x, e, c = _x(data, i, j, a, noise_of=winner if noise == "per_group" else None)
             diffs.append(float((((0.35 * x + c) - e) ** 2).mean()) - float((((0.3 * x + c) - e) ** 2).mean()))
         inside = -0.5 * 50.0 * (diffs[0] - diffs[1])
         losses.append(math.log1p(math.exp(-inside)))
