@@ -22,6 +22,20 @@ code does for its pair: the members' errors then differ only through their laten
     python benchmarks/bench_gdpo_gradient.py                  # 4 groups of G = 6, 8 draws each
     python benchmarks/bench_gdpo_gradient.py --shared-noise   # the same with one noise per group
     python benchmarks/bench_gdpo_gradient.py --groups 12 --draws 4 --shared-noise --resample --weighting fr_only
+    python benchmarks/bench_gdpo_gradient.py --groups 12 --draws 4 --shared-noise --control brighter
+
+It also prints, per latent channel, how the noise prediction Eq. 9 compares moves with the latent: the
+slope of ``mean(eps_hat(x_i))`` on ``mean(z0_i)`` across a group's members under one shared loss noise.
+With the noise shared, the GDPO gradient on a bias ``b`` of ``eps_hat`` is proportional to
+``sum_i A_i eps_hat_i``, and NAOSD's step 4 turns ``b`` into ``-sqrt(1 - abar[t_diff]) / sqrt(abar[t_diff]) b``
+on the sample: where the slope is negative, a step moves the one-step sampler *away* from the preferred
+members along that direction.  A one-step model that returns a direction exactly
+(``z0_hat = x / sqrt(abar[t_add])``) has the slope
+``sqrt(abar[t_noise]) (1 - sqrt(abar[t_model]) / sqrt(abar[t_add])) / sqrt(1 - abar[t_model])``: -0.384 with
+SPEC's t_noise = t_add = 250 and t_model = t_diff = 100, and negative whenever ``t_add > t_model``.
+
+``--control brighter`` (or ``darker``, ``sharper``) scores the groups with ``bench_learning``'s positive-control reward,
+which prefers the same thing (brighter, darker, more Sobel gradient) in every image.
 """
 
 from __future__ import annotations
@@ -38,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from benchmarks.bench_learning import CONTROLS, control_worker
 from common.naosd import ModelConfig
 from common.records import decode_rewards, decode_rollout
-from learner.gdpo_loss import GDPOLossConfig, gdpo_loss
+from learner.gdpo_loss import GDPOLossConfig, gdpo_loss, predict_noise, renoised
 from reward_service.config import RewardConfig
 from reward_service.worker import RewardWorker
 from rollout.worker import RolloutConfig, RolloutWorker
@@ -51,6 +66,25 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
+@torch.no_grad()
+def noise_slope(model: torch.nn.Module, groups: object, config: GDPOLossConfig) -> np.ndarray:
+    """``[C]``: per latent channel, d mean(eps_hat) / d mean(z0) across the members of every group, one shared
+    loss noise per group (so the members' inputs differ only through their latents)."""
+    latents = torch.tensor(groups.latents)  # [N, G, C, h, w]
+    noise = torch.randn(latents[:, :1].shape, generator=torch.Generator().manual_seed(0)).expand_as(latents)
+    x, _, cond = renoised(latents, noise, torch.tensor(groups.text_emb), model.alphas_cumprod[config.t_noise])
+    eps = predict_noise(model.unet, x, cond, config.t_model).unflatten(0, latents.shape[:2]).mean(dim=(3, 4))
+    z = latents.mean(dim=(3, 4))  # [N, G, C]
+    z, eps = z - z.mean(1, keepdim=True), eps - eps.mean(1, keepdim=True)
+    return ((z * eps).sum(dim=(0, 1)) / (z * z).sum(dim=(0, 1))).numpy()
+
+
+def exact_slope(model: torch.nn.Module, config: GDPOLossConfig) -> float:
+    """The slope of a one-step model that returns a direction exactly (``z0_hat = x / sqrt(abar[t_add])``)."""
+    a = model.alphas_cumprod.sqrt()
+    return float(a[config.t_noise] * (1 - a[config.t_model] / a[model.t_add]) / (1 - a[config.t_model] ** 2).sqrt())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=4)
@@ -58,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=8, help="loss-noise draws per group")
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"])
+    parser.add_argument("--control", default="", choices=["", *CONTROLS], help="a positive-control reward instead")
     parser.add_argument(
         "--shared-noise",
         action="store_true",
@@ -75,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     data = DataConfig(crop_size=64, degradation="bicubic", seed=0)  # the same crops for every rollout seed
-    reward = RewardWorker(RewardConfig.offline(weighting=args.weighting))
+    offline = RewardConfig.offline(weighting=args.weighting)
+    reward = control_worker(args.control) if args.control else RewardWorker(offline)
     rollouts = [RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
                 for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
     scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
@@ -103,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat(flat)
 
     print(f"GDPO gradient on the adapter of the committed tiny NAOSD (policy = reference), omega {args.omega}, "
-          f"{args.groups} groups of G={args.group_size}, {args.draws} loss-noise draws each, reward {args.weighting}, "
+          f"{args.groups} groups of G={args.group_size}, {args.draws} loss-noise draws each, "
+          f"reward {args.control or args.weighting}, "
           f"{'one loss noise per group' if args.shared_noise else 'a fresh loss noise per sample'}")  # fmt: skip
     means, within_all = [], []
     for i in range(args.groups):
@@ -118,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"within a group, cosine between two loss-noise draws: mean {np.mean(within_all):+.3f}")
     print(f"between groups, cosine of {args.draws}-draw mean gradients: mean {np.mean(between):+.3f} "
           f"(min {np.min(between):+.3f}, max {np.max(between):+.3f}; {len(between)} pairs)")  # fmt: skip
+    slope = noise_slope(model, decode_rollout(scored[0]), config)
+    print(f"d mean(eps_hat) / d mean(z0) per latent channel, within groups: {np.array2string(slope, precision=3)} "
+          f"(a model exact along a direction: {exact_slope(model, config):+.3f}; < 0: a step moves the sampler away "
+          f"from the preferred members there)")  # fmt: skip
     if args.resample:  # > 0: an image's preference is its own (learnable); ~ 0: it is the sampling noise's
         same = [cosine(means[i], torch.stack([gradient(1, i, k) for k in range(args.draws)]).mean(0))
                 for i in range(args.groups)]  # fmt: skip

@@ -12,12 +12,20 @@ degraded as the tiny config's training data is (bicubic x4).
     ranges (an absolute ARF reward: Eq. 7 with range- instead of group-normalised scores) and with
     metrics the reward does not contain (SSIM-Y, sharpness).  Mean and spread over the seeds.
 
+    ``--control brighter`` (or ``darker``, ``sharper``) trains on a reward whose preference is the same for
+    every image (brighter, darker, or more Sobel gradient is better) instead of the ARF: a positive control
+    for the whole loop.  If GDPO raises such a reward on the held-out crops, the loop (rollout -> reward ->
+    advantage -> loss -> step) learns in the rewarded direction and what fails to carry over is the ARF's
+    preference; if it does not, the loss's effect on the one-step sampler is in question.
+    ``--control random`` scores every sample with a coin: the null control, what any run at that lr changes.
+
 (c) ``--objective gdpo dpo nft oars reward_feedback``: every learner objective (SPEC section 10) for the
     same budget (steps, groups, lr) from the same start and seeds, then the (b) metrics' held-out change
     of each, in one table.
 
     python benchmarks/bench_learning.py                      # (a) and (b): 80 steps of 16 groups, 3 seeds
     python benchmarks/bench_learning.py --skip-gdpo          # (a) only, about a minute
+    python benchmarks/bench_learning.py --control brighter   # (b) on the positive-control reward
     python benchmarks/bench_learning.py --steps 30 --seeds 0 1 --objective gdpo dpo nft oars reward_feedback
 """
 
@@ -35,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kornia
 import numpy as np
 import torch
 
@@ -42,6 +51,7 @@ from common.adapter_sync import apply_to
 from common.naosd import NAOSD, ModelConfig
 from common.weights import build_naosd
 from reward_service.config import RewardConfig
+from reward_service.metrics_iqa import MetricFn
 from reward_service.worker import RewardWorker
 from sr_data.embedded_images import EMBEDDED_HELDOUT
 from sr_tools.heldout import heldout_crops, image_metrics, reward_metrics
@@ -86,6 +96,55 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(naosd_path=args.naosd_path)
 
 
+def _luminance(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    return kornia.color.rgb_to_grayscale(sr).mean(dim=(1, 2, 3))
+
+
+def _gradient(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    return kornia.filters.sobel(kornia.color.rgb_to_grayscale(sr)).mean(dim=(1, 2, 3))
+
+
+_COIN = torch.Generator().manual_seed(0)
+
+
+def _random(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    return torch.rand(sr.shape[0], generator=_COIN)
+
+
+# --control: no-reference rewards that prefer the same thing in every image, so every group's gradient could point
+# the same way: (metric, lower is better).  brighter and darker rank the same samples in opposite orders, so a
+# change that both produce is not the reward's doing.  random is the null control: advantages that carry no
+# preference at all, so what it changes is what any GDPO run at that lr changes (one coin sequence per process,
+# the same in every run; the samples it lands on differ by seed).  Values lie in [0, 1].
+CONTROLS = {
+    "brighter": (_luminance, False),
+    "darker": (_luminance, True),
+    "sharper": (_gradient, False),
+    "random": (_random, False),
+}
+
+
+def control_worker(name: str) -> RewardWorker:
+    """A reward worker whose reward is the control ``name`` alone (min-max over the group, Eq. 8)."""
+    fn, lower_better = CONTROLS[name]
+    config = RewardConfig(fr_metrics=(), nr_metrics=(name,), weighting="nr_only")
+    return RewardWorker(config, metrics=[MetricFn(name=name, fn=fn, lower_better=lower_better)])
+
+
+def reward_worker(args: argparse.Namespace, config: RewardConfig) -> RewardWorker:
+    """The worker for ``config``, or, with ``--control``, the control metric's."""
+    return control_worker(args.control) if args.control else RewardWorker(config)
+
+
+def held_out(worker: RewardWorker, control: RewardWorker | None, images: torch.Tensor, hr: torch.Tensor) -> dict:
+    """The ARF's metrics and absolute reward, the image metrics, and the control metric when there is one."""
+    values = {**reward_metrics(worker, images, hr), **image_metrics(images, hr)}
+    if control is not None:
+        (name,) = control.metric_names
+        values[name] = reward_metrics(control, images, hr)[name]
+    return values
+
+
 def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple[RewardConfig, object]:
     """The training reward's and the learner's config of one ``--objective`` (same lr, seed and budget for all)."""
     from learner.config import LearnerConfig
@@ -96,7 +155,7 @@ def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple
     if objective == "oars":
         reward = RewardConfig(kind="process_aware", fr_metrics=("ssim",), nr_metrics=("piqe",), filter_groups=True)
     rf = RewardFeedbackConfig(metric="sobel_sharpness", features="tiny_conv")
-    loss = GDPOLossConfig(omega=args.omega, noise=args.loss_noise)
+    loss = GDPOLossConfig(omega=args.omega, noise=args.loss_noise, t_noise=args.t_noise, t_model=args.t_model)
     learner = LearnerConfig(
         lr=args.lr, seed=seed, checkpoint_every=0, loss=loss, reward_feedback=rf,
         objective="nft" if objective == "oars" else objective,
@@ -115,7 +174,7 @@ def gdpo_run(args: argparse.Namespace, seed: int, objective: str = "gdpo") -> ob
     rollout_config = RolloutConfig(group_size=group_size, seed=seed, sample_from=args.sample_from)
     rollout = RolloutWorker(model_config(args), rollout_config, data, f"bench{seed}")
     reward_config, config = method_configs(args, objective, seed)
-    reward = RewardWorker(reward_config)
+    reward = reward_worker(args, reward_config)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -142,11 +201,13 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
         compare_objectives(args, hr, lr)
         return
     worker = RewardWorker(RewardConfig.offline())
+    control = control_worker(args.control) if args.control else None
     start_model = build_naosd(model_config(args)).eval()
     rows: dict[str, list[float]] = {}
+    trained_on = f"the control {args.control}" if control else f"{worker.metric_names} ({args.weighting})"
     print(f"\n(b) GDPO: {args.steps} steps x {args.groups_per_step} groups of G={args.group_size}, lr {args.lr}, "
-          f"omega {args.omega}, loss noise {args.loss_noise}, samples from the {args.sample_from}, "
-          f"reward {worker.metric_names} ({args.weighting}); seeds {args.seeds}")  # fmt: skip
+          f"omega {args.omega}, loss noise {args.loss_noise} at t {args.t_noise} asked at {args.t_model}, "
+          f"samples from the {args.sample_from}, reward {trained_on}; seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
         weights = gdpo_run(args, seed)
         end_model = build_naosd(model_config(args)).eval()
@@ -154,16 +215,20 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
         before = sample(start_model, lr, args.samples, seed=seed)
         after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
         for name, images in (("start", before), ("gdpo", after)):
-            for key, value in {**reward_metrics(worker, images, hr), **image_metrics(images, hr)}.items():
+            for key, value in held_out(worker, control, images, hr).items():
                 rows.setdefault(f"{key}|{name}", []).append(value)
-        change = rows["reward|gdpo"][-1] - rows["reward|start"][-1]
-        print(f"  seed {seed}: held-out reward {rows['reward|start'][-1]:.4f} -> {rows['reward|gdpo'][-1]:.4f} "
-              f"({change:+.4f})", flush=True)  # fmt: skip
+        for key in dict.fromkeys(("reward", args.control or "reward")):
+            print(f"  seed {seed}: held-out {key} {rows[f'{key}|start'][-1]:.4f} -> {rows[f'{key}|gdpo'][-1]:.4f} "
+                  f"({rows[f'{key}|gdpo'][-1] - rows[f'{key}|start'][-1]:+.4f})", flush=True)  # fmt: skip
     print(f"\n{'metric':>12} {'start':>18} {'after GDPO':>18} {'change':>18}   (mean ± std over seeds)")
     for key in dict.fromkeys(k.split("|")[0] for k in rows):
         a, b = np.array(rows[f"{key}|start"]), np.array(rows[f"{key}|gdpo"])
         d = b - a
-        note = "" if key in ("reward", *worker.metric_names) else "  (not in the reward)"
+        if control:
+            lower = " (its raw metric, lower is better)" if CONTROLS[args.control][1] else ""
+            note = f"  (the training reward{lower})" if key == args.control else "  (not trained on)"
+        else:
+            note = "" if key in ("reward", *worker.metric_names) else "  (not in the reward)"
         print(f"{key:>12} {a.mean():10.4f} ± {a.std():<6.4f} {b.mean():10.4f} ± {b.std():<6.4f} "
               f"{d.mean():+10.4f} ± {d.std():<6.4f}{note}")  # fmt: skip
 
@@ -171,14 +236,16 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
 def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
     """Every ``--objective`` for the same budget from the same start; one table of held-out changes."""
     worker = RewardWorker(RewardConfig.offline())
+    control = control_worker(args.control) if args.control else None
     start_model = build_naosd(model_config(args)).eval()
+
     changes: dict[str, dict[str, list[float]]] = {}
     starts: dict[str, list[float]] = {}
     print(f"\n(c) objectives {args.objective}: {args.steps} steps x {args.groups_per_step} groups of "
           f"G={args.group_size}, lr {args.lr}, seeds {args.seeds}; held-out change vs the start")  # fmt: skip
     for seed in args.seeds:
         before = sample(start_model, lr, args.samples, seed=seed)
-        start = {**reward_metrics(worker, before, hr), **image_metrics(before, hr)}
+        start = held_out(worker, control, before, hr)
         for key, value in start.items():
             starts.setdefault(key, []).append(value)
         for objective in args.objective:
@@ -186,7 +253,7 @@ def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Ten
             end_model = build_naosd(model_config(args)).eval()
             apply_to(end_model.unet, gdpo_run(args, seed, objective))
             after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
-            end = {**reward_metrics(worker, after, hr), **image_metrics(after, hr)}
+            end = held_out(worker, control, after, hr)
             for key, value in end.items():
                 changes.setdefault(objective, {}).setdefault(key, []).append(value - start[key])
             print(f"  {objective} seed {seed}: {time.perf_counter() - begun:.0f} s", flush=True)
@@ -214,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--loss-noise", default="per_sample", choices=["per_sample", "per_group"],
                         help="learner.loss.noise: a fresh e_i per member (SPEC 5) or one per group (Diffusion-DPO)")
+    parser.add_argument("--t-noise", type=int, default=250, help="learner.loss.t_noise: z0 is re-noised here (SPEC 5)")
+    parser.add_argument("--t-model", type=int, default=100, help="learner.loss.t_model: the UNets are asked here")
     parser.add_argument("--sample-from", default="reference", choices=["reference", "policy"],
                         help="rollout.sample_from: the frozen reference (paper) or the current policy")
     parser.add_argument("--objective", nargs="+", default=["gdpo"], choices=OBJECTIVES,
                         help="learner objectives to compare (same start, budget, lr and seeds); oars = nft on the "
                              "process-aware reward with the group filter")  # fmt: skip
+    parser.add_argument("--control", default="", choices=["", *CONTROLS],
+                        help="train (b) on a positive-control reward (the same preference for every image) "
+                             "instead of the ARF; the ARF and image metrics are still reported")  # fmt: skip
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     parser.add_argument("--naosd-path", default="", help="another tiny-architecture model folder (a pre-training "
                         "export); default: the committed tiny model")  # fmt: skip

@@ -10,6 +10,11 @@ advantage:
     loss   = mean over images of -logsigmoid(inside)
 
 With G = 2 and A = (+1, -1) this is the Diffusion-DPO loss with beta = omega.
+
+A step lowers the preferred members' errors; whether the *one-step* sampler then moves toward them depends
+on the model: along directions NAOSD returns exactly (it amplifies a ``t_add``-noised input while asked at
+``t_model < t_add``) the noise prediction falls as ``z0`` rises, and the sampler moves away
+(``tests/learner/test_gdpo_sampler_direction.py``; measured in the README, "Does GDPO improve it?").
 """
 
 from __future__ import annotations
