@@ -31,8 +31,9 @@ With the noise shared, the GDPO gradient on a bias ``b`` of ``eps_hat`` is propo
 on the sample: where the slope is negative, a step moves the one-step sampler *away* from the preferred
 members along that direction.  A one-step model that returns a direction exactly
 (``z0_hat = x / sqrt(abar[t_add])``) has the slope
-``sqrt(abar[t_noise]) (1 - sqrt(abar[t_model]) / sqrt(abar[t_add])) / sqrt(1 - abar[t_model])``: -0.384 with
-SPEC's t_noise = t_add = 250 and t_model = t_diff = 100, and negative whenever ``t_add > t_model``.
+``sqrt(abar[t_noise]) (1 - sqrt(abar[t_diff]) / sqrt(abar[t_add])) / sqrt(1 - abar[t_diff])`` when the loss asks
+it at its own ``t_diff`` (SPEC: t_model = t_diff = 100): -0.384 with t_noise = t_add = 250, and negative for any
+t_noise whenever ``t_add > t_diff``.
 
 ``--control brighter`` (or ``darker``, ``sharper``) scores the groups with ``bench_learning``'s positive-control reward,
 which prefers the same thing (brighter, darker, more Sobel gradient) in every image.
@@ -80,9 +81,10 @@ def noise_slope(model: torch.nn.Module, groups: object, config: GDPOLossConfig) 
 
 
 def exact_slope(model: torch.nn.Module, config: GDPOLossConfig) -> float:
-    """The slope of a one-step model that returns a direction exactly (``z0_hat = x / sqrt(abar[t_add])``)."""
+    """The slope of a one-step model that returns a direction exactly (``z0_hat = x / sqrt(abar[t_add])`` by step 4
+    at ``t_diff``), for inputs re-noised at the loss's ``t_noise``."""
     a = model.alphas_cumprod.sqrt()
-    return float(a[config.t_noise] * (1 - a[config.t_model] / a[model.t_add]) / (1 - a[config.t_model] ** 2).sqrt())
+    return float(a[config.t_noise] * (1 - a[model.t_diff] / a[model.t_add]) / (1 - a[model.t_diff] ** 2).sqrt())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

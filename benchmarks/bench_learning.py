@@ -114,8 +114,9 @@ def _random(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
 # --control: no-reference rewards that prefer the same thing in every image, so every group's gradient could point
 # the same way: (metric, lower is better).  brighter and darker rank the same samples in opposite orders, so a
 # change that both produce is not the reward's doing.  random is the null control: advantages that carry no
-# preference at all, so what it changes is what any GDPO run at that lr changes (one coin sequence per process,
-# the same in every run; the samples it lands on differ by seed).  Values lie in [0, 1].
+# preference at all, so what it changes is what any GDPO run at that lr changes.  The coin is one generator per
+# process (training and held-out scoring draw from it): the first seed of every invocation replays the same coin
+# sequence, on other samples.  Values lie in [0, 1].
 CONTROLS = {
     "brighter": (_luminance, False),
     "darker": (_luminance, True),
@@ -238,7 +239,6 @@ def compare_objectives(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Ten
     worker = RewardWorker(RewardConfig.offline())
     control = control_worker(args.control) if args.control else None
     start_model = build_naosd(model_config(args)).eval()
-
     changes: dict[str, dict[str, list[float]]] = {}
     starts: dict[str, list[float]] = {}
     print(f"\n(c) objectives {args.objective}: {args.steps} steps x {args.groups_per_step} groups of "
