@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = [RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
                 for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
     scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
+    decoded = [(decode_rollout(batch), decode_rewards(batch)) for batch in scored]  # per rollout: groups, rewards
     config = GDPOLossConfig(omega=args.omega, noise="per_group" if args.shared_noise else "per_sample")
     model = rollouts[0].model
     lora = [p.requires_grad_(True) for name, p in model.unet.named_parameters() if ".gdpo." in name]
 
     def gradient(r: int, i: int, draw: int) -> torch.Tensor:
         """Group ``i`` of rollout ``r``, loss-noise draw ``draw``: every group has draws of its own."""
-        groups, rewards = decode_rollout(scored[r]), decode_rewards(scored[r])
+        groups, rewards = decoded[r]
         latents = torch.tensor(groups.latents[i : i + 1])
         seed = 1000 * (r * args.groups + i) + draw
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
@@ -150,14 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         within = float(np.mean([cosine(draws[a], draws[b]) for a, b in itertools.combinations(range(args.draws), 2)]))
         within_all.append(within)
         means.append(draws.mean(0))
-        advantages = decode_rewards(scored[0]).advantage[i]
-        print(f"  group {i}: advantages {np.array2string(advantages, precision=2)}; "
+        print(f"  group {i}: advantages {np.array2string(decoded[0][1].advantage[i], precision=2)}; "
               f"cosine between two draws {within:+.3f}", flush=True)  # fmt: skip
     between = [cosine(means[a], means[b]) for a, b in itertools.combinations(range(args.groups), 2)]
     print(f"within a group, cosine between two loss-noise draws: mean {np.mean(within_all):+.3f}")
     print(f"between groups, cosine of {args.draws}-draw mean gradients: mean {np.mean(between):+.3f} "
           f"(min {np.min(between):+.3f}, max {np.max(between):+.3f}; {len(between)} pairs)")  # fmt: skip
-    slope = noise_slope(model, decode_rollout(scored[0]), config)
+    slope = noise_slope(model, decoded[0][0], config)
     print(f"d mean(eps_hat) / d mean(z0) per latent channel, within groups: {np.array2string(slope, precision=3)} "
           f"(a model exact along a direction: {exact_slope(model, config):+.3f}; < 0: a step moves the sampler away "
           f"from the preferred members there)")  # fmt: skip

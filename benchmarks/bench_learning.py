@@ -50,6 +50,7 @@ import torch
 from common.adapter_sync import apply_to
 from common.naosd import NAOSD, ModelConfig
 from common.weights import build_naosd
+from learner.reward_feedback_model import sobel_sharpness
 from reward_service.config import RewardConfig
 from reward_service.metrics_iqa import MetricFn
 from reward_service.worker import RewardWorker
@@ -101,7 +102,7 @@ def _luminance(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-    return kornia.filters.sobel(kornia.color.rgb_to_grayscale(sr)).mean(dim=(1, 2, 3))
+    return sobel_sharpness(sr)
 
 
 _COIN = torch.Generator().manual_seed(0)

@@ -9,8 +9,8 @@ returns a direction exactly from a ``t_add``-noised input (``z0_hat = x / sqrt(a
 ``t_diff < t_add``) has ``eps_hat`` *falling* with ``z0``, and the step moves its samples away from the
 preferred one.  The README ("Does GDPO improve it?") measures both on the committed tiny model.
 
-These tests drive the real :func:`gdpo_loss` with a linear noise predictor ``eps_hat = k x + b`` whose
-bias ``b`` is the adapter, and apply step 4 by hand.
+These tests drive the real :func:`gdpo_loss` on the real schedule with a linear noise predictor
+``eps_hat = k x + b`` whose bias ``b`` is the adapter, and apply step 4 by hand.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import torch
 
 from learner.gdpo_loss import GDPOLossConfig, gdpo_loss
 
-ABAR = {100: 0.89422, 250: 0.67379}  # SPEC section 1
+T_ADD, T_DIFF = 250, 100  # SPEC section 2; the loss re-noises at 250 and asks at 100 (section 5)
+
+
+@pytest.fixture(scope="module")
+def abar(policy) -> torch.Tensor:
+    return policy[1]
 
 
 class LinearNoisePredictor(torch.nn.Module):
@@ -44,20 +49,13 @@ class LinearNoisePredictor(torch.nn.Module):
         return SimpleNamespace(sample=self.k * x + (self.bias if self.adapter_on else 0.0))
 
 
-def _alphas_cumprod() -> torch.Tensor:
-    abar = torch.ones(1000)
-    for t, value in ABAR.items():
-        abar[t] = value
-    return abar
-
-
-def _exact_k(t_add: int = 250, t_diff: int = 100) -> float:
+def _exact_k(abar: torch.Tensor) -> float:
     """The ``k`` for which step 4 at ``t_diff`` returns ``x / sqrt(abar[t_add])``: a model exact in every direction."""
-    a_add, a_diff = ABAR[t_add] ** 0.5, ABAR[t_diff] ** 0.5
-    return (1 - a_diff / a_add) / (1 - ABAR[t_diff]) ** 0.5
+    a_add, a_diff = abar[T_ADD].sqrt(), abar[T_DIFF].sqrt()
+    return float((1 - a_diff / a_add) / (1 - abar[T_DIFF]).sqrt())
 
 
-def _sample_mean_change(k: float) -> float:
+def _sample_mean_change(k: float, abar: torch.Tensor) -> float:
     """One gradient step on Eq. 9 for a group of two whose preferred member is brighter (larger latent mean);
     returns how much the one-step sample's mean moves (step 4 on a fixed ``t_add``-noised input)."""
     torch.manual_seed(0)
@@ -70,26 +68,27 @@ def _sample_mean_change(k: float) -> float:
         noise=torch.randn(latents.shape),
         text_emb=torch.zeros(1, 1, 1),
         advantages=torch.tensor([[1.0, -1.0]]),  # member 0 preferred
-        alphas_cumprod=_alphas_cumprod(),
+        alphas_cumprod=abar,
         config=GDPOLossConfig(noise="per_group", omega=1.0),
     )
     (grad,) = torch.autograd.grad(out.loss, [unet.bias])
     step = -1e-2 * grad  # plain gradient descent
-    a_diff, s_diff = ABAR[100] ** 0.5, (1 - ABAR[100]) ** 0.5
+    a_diff, s_diff = abar[T_DIFF].sqrt(), (1 - abar[T_DIFF]).sqrt()
     return float((-s_diff / a_diff * step).mean())  # step 4: z_sr = (z~ - s eps_hat) / a, so b moves it by -s/a b
 
 
-def test_the_exact_one_step_slope_is_a_spec_constant() -> None:
-    """d eps_hat / d z0 of the exact model at SPEC's timesteps: what bench_gdpo_gradient prints as the reference."""
-    slope = ABAR[250] ** 0.5 * _exact_k()
+def test_the_exact_one_step_slope_is_a_spec_constant(abar: torch.Tensor) -> None:
+    """d eps_hat / d z0 of the exact model at SPEC's timesteps (abar[100] = 0.89422, abar[250] = 0.67379):
+    what bench_gdpo_gradient prints as the reference."""
+    slope = float(abar[T_ADD].sqrt()) * _exact_k(abar)
     assert slope == pytest.approx(-0.38367, abs=1e-4)
 
 
-def test_a_shrinking_denoiser_moves_toward_the_preferred_sample() -> None:
+def test_a_shrinking_denoiser_moves_toward_the_preferred_sample(abar: torch.Tensor) -> None:
     # k > 0: eps_hat rises with z0, as for a denoiser that pulls its estimate toward a zero-mean prior.
-    assert _sample_mean_change(k=0.5) > 0
+    assert _sample_mean_change(0.5, abar) > 0
 
 
-def test_an_exact_one_step_model_moves_away_from_the_preferred_sample() -> None:
-    assert _exact_k() < 0
-    assert _sample_mean_change(k=_exact_k()) < 0
+def test_an_exact_one_step_model_moves_away_from_the_preferred_sample(abar: torch.Tensor) -> None:
+    assert _exact_k(abar) < 0
+    assert _sample_mean_change(_exact_k(abar), abar) < 0
