@@ -2,8 +2,9 @@
 
 Eq. 9 re-noises each re-encoded SR latent with a fresh ``e_i`` (SPEC section 5), so the gradient of
 one group is a random variable even for fixed samples and advantages.  This script scores real groups
-of the committed tiny NAOSD on training crops (rollout worker -> reward worker, as the loop does) and,
-from policy = reference, takes the GDPO gradient on the adapter under ``--draws`` loss-noise draws:
+of the start NAOSD (the committed tiny one, or ``--naosd-path``) on training crops (rollout worker ->
+reward worker, as the loop does) and, from policy = reference, takes the GDPO gradient on the adapter under
+``--draws`` loss-noise draws:
 
 - *within a group*: the mean cosine between two draws' gradients (1 = the noise does not matter);
 - *between groups*: the cosine between different groups' draw-averaged gradients (> 0: the groups
@@ -37,6 +38,11 @@ t_noise whenever ``t_add > t_diff``.
 
 ``--control brighter`` (or ``darker``, ``sharper``) scores the groups with ``bench_learning``'s positive-control reward,
 which prefers the same thing (brighter, darker, more Sobel gradient) in every image.
+
+``--probe-step`` then steps the adapter along the summed gradient (no optimiser, one step of a few lengths) and
+samples held-out crops: which way the *sampler* moves, against the same step along a random direction.
+``--naosd-path`` with ``--t-add/--t-diff/--t-noise/--t-model`` asks the same of another tiny model, e.g. the
+diffusion denoiser of ``train_tiny_denoiser.py``.
 """
 
 from __future__ import annotations
@@ -53,8 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from benchmarks.bench_learning import CONTROLS, control_worker
-from common.naosd import ModelConfig
+from benchmarks.bench_learning import CONTROLS, add_model_arguments, control_worker, model_config, sample
 from common.records import decode_rewards, decode_rollout
 from learner.gdpo_loss import GDPOLossConfig, gdpo_loss, predict_noise, renoised
 from reward_service.config import RewardConfig
@@ -87,6 +92,39 @@ def exact_slope(model: torch.nn.Module, config: GDPOLossConfig) -> float:
     return float(a[config.t_noise] * (1 - a[model.t_diff] / a[model.t_add]) / (1 - a[model.t_diff] ** 2).sqrt())
 
 
+PROBE_STEPS = (0.003, 0.01, 0.03)  # lengths of the probe's step, as a fraction of the adapter weights' norm
+
+
+@torch.no_grad()
+def probe_step(model: torch.nn.Module, lora: list[torch.nn.Parameter], gradient: torch.Tensor, control: str) -> None:
+    """``--probe-step``: which way does one plain gradient step on Eq. 9 move the *sampler*?  The held-out crops
+    of ``bench_learning`` are sampled (fixed noise) before and after ``theta - eta |theta| g / |g|`` and scored
+    with the absolute ARF reward and, with ``--control``, the control's raw metric.  The same step along a random
+    direction is the null: what any step of that length changes.  A first-order answer: no optimiser state, no
+    saturation of the logit, no second step."""
+    from sr_tools.heldout import heldout_crops, reward_metrics
+
+    hr, lr = heldout_crops(12, 64)
+    workers = {"reward": RewardWorker(RewardConfig.offline())}
+    if control:
+        workers[control] = control_worker(control)
+    theta = torch.cat([p.flatten() for p in lora])
+    directions = {"gradient": gradient, "random": torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))}
+
+    def metrics() -> dict[str, float]:
+        images = sample(model.eval(), lr, 2, seed=0)
+        return {name: reward_metrics(worker, images, hr)[name] for name, worker in workers.items()}
+
+    start = metrics()
+    print(f"one plain step of relative length eta, held-out change ({len(hr)} crops, 2 samples, fixed noise):")
+    for label, direction in directions.items():
+        for eta in PROBE_STEPS:
+            torch.nn.utils.vector_to_parameters(theta - eta * theta.norm() * direction / direction.norm(), lora)
+            now = metrics()
+            print(f"  {label:>8} eta {eta:<6g}" + "".join(f" {k} {now[k] - start[k]:+.5f}" for k in now), flush=True)
+    torch.nn.utils.vector_to_parameters(theta, lora)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=4)
@@ -95,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"])
     parser.add_argument("--control", default="", choices=["", *CONTROLS], help="a positive-control reward instead")
+    add_model_arguments(parser)
+    parser.add_argument("--probe-step", action="store_true",
+                        help="also: which way one plain gradient step moves the held-out samples' metric")  # fmt: skip
     parser.add_argument(
         "--shared-noise",
         action="store_true",
@@ -114,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     data = DataConfig(crop_size=64, degradation="bicubic", seed=0)  # the same crops for every rollout seed
     offline = RewardConfig.offline(weighting=args.weighting)
     reward = control_worker(args.control) if args.control else RewardWorker(offline)
-    rollouts = [RolloutWorker(ModelConfig(), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
+    rollouts = [RolloutWorker(model_config(args), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
                 for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
     scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
     decoded = [(decode_rollout(batch), decode_rewards(batch)) for batch in scored]  # per rollout: groups, rewards
-    config = GDPOLossConfig(omega=args.omega, noise="per_group" if args.shared_noise else "per_sample")
+    config = GDPOLossConfig(
+        omega=args.omega,
+        noise="per_group" if args.shared_noise else "per_sample",
+        t_noise=args.t_noise,
+        t_model=args.t_model,
+    )
     model = rollouts[0].model
     lora = [p.requires_grad_(True) for name, p in model.unet.named_parameters() if ".gdpo." in name]
 
@@ -141,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(lora, grads, strict=True)]
         return torch.cat(flat)
 
-    print(f"GDPO gradient on the adapter of the committed tiny NAOSD (policy = reference), omega {args.omega}, "
+    print(f"GDPO gradient on the adapter of the start NAOSD (policy = reference), omega {args.omega}, "
           f"{args.groups} groups of G={args.group_size}, {args.draws} loss-noise draws each, "
           f"reward {args.control or args.weighting}, "
           f"{'one loss noise per group' if args.shared_noise else 'a fresh loss noise per sample'}")  # fmt: skip
@@ -161,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"d mean(eps_hat) / d mean(z0) per latent channel, within groups: {np.array2string(slope, precision=3)} "
           f"(a model exact along a direction: {exact_slope(model, config):+.3f}; < 0: a step moves the sampler away "
           f"from the preferred members there)")  # fmt: skip
+    if args.probe_step:
+        probe_step(model, lora, torch.stack(means).sum(0), args.control)
     if args.resample:  # > 0: an image's preference is its own (learnable); ~ 0: it is the sampling noise's
         same = [cosine(means[i], torch.stack([gradient(1, i, k) for k in range(args.draws)]).mean(0))
                 for i in range(args.groups)]  # fmt: skip

@@ -26,6 +26,8 @@ degraded as the tiny config's training data is (bicubic x4).
     python benchmarks/bench_learning.py                      # (a) and (b): 80 steps of 16 groups, 3 seeds
     python benchmarks/bench_learning.py --skip-gdpo          # (a) only, about a minute
     python benchmarks/bench_learning.py --control brighter   # (b) on the positive-control reward
+    python benchmarks/bench_learning.py --control brighter --eval-every 1   # and the held-out change per step
+    python benchmarks/bench_learning.py --naosd-path runs/tiny-denoiser --t-add 250 --t-diff 250 --t-model 250
     python benchmarks/bench_learning.py --steps 30 --seeds 0 1 --objective gdpo dpo nft oars reward_feedback
 """
 
@@ -37,6 +39,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +78,8 @@ def compare_bicubic(config: ModelConfig, hr: torch.Tensor, lr: torch.Tensor, sam
     rows["VAE(HR)"] = image_metrics(vae_reconstruction(model, hr), hr)
     rows["mean of 16"] = image_metrics(sample(model, lr, 16, seed=0).mean(1), hr)
     for t_add in (150, 200):
-        other = build_naosd(dataclasses.replace(config, t_add=t_add)).eval()
+        # a model sampled at t_diff = t_add (a denoiser's own one step) keeps them equal
+        other = build_naosd(dataclasses.replace(config, t_add=t_add, t_diff=min(config.t_diff, t_add))).eval()
         rows[f"t_add={t_add}"] = image_metrics(sample(other, lr, samples, seed=0), hr)
     print(f"\n(a) held-out: {len(hr)} crops of {hr.shape[-1]}x{hr.shape[-1]} from {sorted(EMBEDDED_HELDOUT)}, "
           f"x4 bicubic LR; NAOSD: mean over {samples} samples per crop")  # fmt: skip
@@ -92,9 +96,19 @@ def compare_bicubic(config: ModelConfig, hr: torch.Tensor, lr: torch.Tensor, sam
 OBJECTIVES = ("gdpo", "dpo", "nft", "oars", "reward_feedback")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The start model and the timesteps the loss asks it at; shared with ``bench_gdpo_gradient.py``."""
+    parser.add_argument("--naosd-path", default="", help="another tiny-architecture model folder (a pre-training "
+                        "export, or train_tiny_denoiser.py's); default: the committed tiny model")  # fmt: skip
+    parser.add_argument("--t-add", type=int, default=250, help="model.t_add: the sampler's noise-injection step")
+    parser.add_argument("--t-diff", type=int, default=100, help="model.t_diff: the sampler's UNet timestep")
+    parser.add_argument("--t-noise", type=int, default=250, help="learner.loss.t_noise: z0 is re-noised here (SPEC 5)")
+    parser.add_argument("--t-model", type=int, default=100, help="learner.loss.t_model: the UNets are asked here")
+
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The model every part starts from: the committed tiny NAOSD, or ``--naosd-path``."""
-    return ModelConfig(naosd_path=args.naosd_path)
+    return ModelConfig(naosd_path=args.naosd_path, t_add=args.t_add, t_diff=args.t_diff)
 
 
 def _luminance(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -165,8 +179,11 @@ def method_configs(args: argparse.Namespace, objective: str, seed: int) -> tuple
     return reward, learner
 
 
-def gdpo_run(args: argparse.Namespace, seed: int, objective: str = "gdpo") -> object:
-    """``objective`` (GDPO by default) from the committed tiny NAOSD; returns the final adapter."""
+def gdpo_run(
+    args: argparse.Namespace, seed: int, objective: str = "gdpo", on_step: Callable[[int, object], None] | None = None
+) -> object:
+    """``objective`` (GDPO by default) from the start model; returns the final adapter.  ``on_step(step, adapter)``
+    runs after every ``--eval-every`` steps."""
     steps, groups_per_step, group_size = args.steps, args.groups_per_step, args.group_size
     from learner.engine import LearnerRank
     from rollout.worker import RolloutConfig, RolloutWorker
@@ -195,7 +212,31 @@ def gdpo_run(args: argparse.Namespace, seed: int, objective: str = "gdpo") -> ob
         if (step + 1) % max(steps // 5, 1) == 0:
             print(f"  {objective} seed {seed} step {step + 1}/{steps}: loss {stats['loss']:.4f} "
                   f"grad {stats['grad_norm']:.3g} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        if on_step is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+            on_step(step + 1, learner.adapter_weights())
     return learner.adapter_weights()
+
+
+@dataclasses.dataclass
+class LearningCurve:
+    """``--eval-every``: the held-out change of the reward (and the control) at a step of a run."""
+
+    model: NAOSD  # sampled with the run's adapter; the same noise per crop as the start's
+    worker: RewardWorker
+    control: RewardWorker | None
+    hr: torch.Tensor
+    lr: torch.Tensor
+    seed: int
+    start: dict[str, float]  # the start model's held-out values
+    args: argparse.Namespace
+
+    def __call__(self, step: int, weights: object) -> None:
+        apply_to(self.model.unet, weights)
+        images = sample(self.model, self.lr, self.args.samples, seed=self.seed)
+        now = held_out(self.worker, self.control, images, self.hr)
+        keys = dict.fromkeys(("reward", self.args.control or "reward"))
+        print(f"    held-out change at step {step}: "
+              + ", ".join(f"{key} {now[key] - self.start[key]:+.4f}" for key in keys), flush=True)  # fmt: skip
 
 
 def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -> None:
@@ -211,10 +252,11 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
           f"omega {args.omega}, loss noise {args.loss_noise} at t {args.t_noise} asked at {args.t_model}, "
           f"samples from the {args.sample_from}, reward {trained_on}; seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
-        weights = gdpo_run(args, seed)
-        end_model = build_naosd(model_config(args)).eval()
-        apply_to(end_model.unet, weights)
         before = sample(start_model, lr, args.samples, seed=seed)
+        end_model = build_naosd(model_config(args)).eval()
+        curve = LearningCurve(end_model, worker, control, hr, lr, seed, held_out(worker, control, before, hr), args)
+        weights = gdpo_run(args, seed, on_step=curve)
+        apply_to(end_model.unet, weights)
         after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
         for name, images in (("start", before), ("gdpo", after)):
             for key, value in held_out(worker, control, images, hr).items():
@@ -282,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--loss-noise", default="per_sample", choices=["per_sample", "per_group"],
                         help="learner.loss.noise: a fresh e_i per member (SPEC 5) or one per group (Diffusion-DPO)")
-    parser.add_argument("--t-noise", type=int, default=250, help="learner.loss.t_noise: z0 is re-noised here (SPEC 5)")
-    parser.add_argument("--t-model", type=int, default=100, help="learner.loss.t_model: the UNets are asked here")
     parser.add_argument("--sample-from", default="reference", choices=["reference", "policy"],
                         help="rollout.sample_from: the frozen reference (paper) or the current policy")
     parser.add_argument("--objective", nargs="+", default=["gdpo"], choices=OBJECTIVES,
@@ -292,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", default="", choices=["", *CONTROLS],
                         help="train (b) on a positive-control reward (the same preference for every image) "
                              "instead of the ARF; the ARF and image metrics are still reported")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=0, help="(b): also print the held-out change every N "
+                        "steps (a learning curve; the end point is the table's)")  # fmt: skip
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
-    parser.add_argument("--naosd-path", default="", help="another tiny-architecture model folder (a pre-training "
-                        "export); default: the committed tiny model")  # fmt: skip
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     hr, lr = heldout_crops(args.crops, args.size)
