@@ -66,6 +66,7 @@ from reward_service.config import RewardConfig
 from reward_service.worker import RewardWorker
 from rollout.worker import RolloutConfig, RolloutWorker
 from sr_data.source import DataConfig
+from sr_tools.heldout import heldout_crops, reward_metrics
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,14 +103,15 @@ def probe_step(model: torch.nn.Module, lora: list[torch.nn.Parameter], gradient:
     with the absolute ARF reward and, with ``--control``, the control's raw metric.  The same step along a random
     direction is the null: what any step of that length changes.  A first-order answer: no optimiser state, no
     saturation of the logit, no second step."""
-    from sr_tools.heldout import heldout_crops, reward_metrics
-
     hr, lr = heldout_crops(12, 64)
     workers = {"reward": RewardWorker(RewardConfig.offline())}
     if control:
         workers[control] = control_worker(control)
     theta = torch.cat([p.flatten() for p in lora])
-    directions = {"gradient": gradient, "random": torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))}
+    # At policy = reference every lora_B is zero, so the gradient (and any first-order change) lives on the B
+    # entries only: the random direction is drawn there too, or part of its length would do nothing.
+    noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
+    directions = {"gradient": gradient, "random": noise * (gradient != 0)}
 
     def metrics() -> dict[str, float]:
         images = sample(model.eval(), lr, 2, seed=0)

@@ -78,7 +78,7 @@ def compare_bicubic(config: ModelConfig, hr: torch.Tensor, lr: torch.Tensor, sam
     rows["VAE(HR)"] = image_metrics(vae_reconstruction(model, hr), hr)
     rows["mean of 16"] = image_metrics(sample(model, lr, 16, seed=0).mean(1), hr)
     for t_add in (150, 200):
-        # a model sampled at t_diff = t_add (a denoiser's own one step) keeps them equal
+        # t_diff never above t_add: a model sampled at t_diff = t_add (a denoiser's own step) stays so
         other = build_naosd(dataclasses.replace(config, t_add=t_add, t_diff=min(config.t_diff, t_add))).eval()
         rows[f"t_add={t_add}"] = image_metrics(sample(other, lr, samples, seed=0), hr)
     print(f"\n(a) held-out: {len(hr)} crops of {hr.shape[-1]}x{hr.shape[-1]} from {sorted(EMBEDDED_HELDOUT)}, "
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train (b) on a positive-control reward (the same preference for every image) "
                              "instead of the ARF; the ARF and image metrics are still reported")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=0, help="(b): also print the held-out change every N "
-                        "steps (a learning curve; the end point is the table's)")  # fmt: skip
+                        "steps (a learning curve; the end point is the table's; with --control random the extra "
+                        "held-out scoring draws from the one coin: training sees another coin sequence)")  # fmt: skip
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)

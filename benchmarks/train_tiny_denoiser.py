@@ -34,7 +34,10 @@ from sr_data.embedded_images import EMBEDDED_IMAGES, load_embedded
 
 
 def training_crops(count: int, size: int, seed: int) -> torch.Tensor:
-    """``count`` random ``size``-pixel crops of the embedded training photos, flipped at random, in [-1, 1]."""
+    """``count`` random ``size``-pixel crops of the embedded training photos, flipped at random, in [-1, 1].
+
+    Whole crops, drawn once: ``sr_data.source.PairSource`` draws the same kind of crop but also degrades each
+    to its LR, which this prior never reads.  (The README's denoiser numbers were measured on these crops.)"""
     rng = np.random.default_rng(seed)
     photos = [load_embedded(name) for name in EMBEDDED_IMAGES]
     crops = []
