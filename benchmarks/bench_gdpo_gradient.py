@@ -135,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--omega", type=float, default=5000.0)
     parser.add_argument("--weighting", default="arf", choices=["arf", "fixed", "fr_only", "nr_only"])
     parser.add_argument("--control", default="", choices=["", *CONTROLS], help="a positive-control reward instead")
+    parser.add_argument("--seed", type=int, default=0, help="the training crops' and the rollout's seed")
     add_model_arguments(parser)
     parser.add_argument("--probe-step", action="store_true",
                         help="also: which way one plain gradient step moves the held-out samples' metric")  # fmt: skip
@@ -154,11 +155,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    data = DataConfig(crop_size=64, degradation="bicubic", seed=0)  # the same crops for every rollout seed
+    data = DataConfig(crop_size=64, degradation="bicubic", seed=args.seed)  # the same crops for both rollout seeds
     offline = RewardConfig.offline(weighting=args.weighting)
     reward = control_worker(args.control) if args.control else RewardWorker(offline)
     rollouts = [RolloutWorker(model_config(args), RolloutConfig(group_size=args.group_size, seed=seed), data, "grad")
-                for seed in ((0, 1) if args.resample else (0,))]  # fmt: skip
+                for seed in ((args.seed, args.seed + 1) if args.resample else (args.seed,))]  # fmt: skip
     scored = [reward.score_batch(rollout.generate(range(args.groups)))[0] for rollout in rollouts]
     decoded = [(decode_rollout(batch), decode_rewards(batch)) for batch in scored]  # per rollout: groups, rewards
     config = GDPOLossConfig(
