@@ -252,14 +252,13 @@ def compare_gdpo(args: argparse.Namespace, hr: torch.Tensor, lr: torch.Tensor) -
           f"omega {args.omega}, loss noise {args.loss_noise} at t {args.t_noise} asked at {args.t_model}, "
           f"samples from the {args.sample_from}, reward {trained_on}; seeds {args.seeds}")  # fmt: skip
     for seed in args.seeds:
-        before = sample(start_model, lr, args.samples, seed=seed)
+        start = held_out(worker, control, sample(start_model, lr, args.samples, seed=seed), hr)
         end_model = build_naosd(model_config(args)).eval()
-        curve = LearningCurve(end_model, worker, control, hr, lr, seed, held_out(worker, control, before, hr), args)
-        weights = gdpo_run(args, seed, on_step=curve)
+        weights = gdpo_run(args, seed, on_step=LearningCurve(end_model, worker, control, hr, lr, seed, start, args))
         apply_to(end_model.unet, weights)
         after = sample(end_model, lr, args.samples, seed=seed)  # identical noise per crop
-        for name, images in (("start", before), ("gdpo", after)):
-            for key, value in held_out(worker, control, images, hr).items():
+        for name, values in (("start", start), ("gdpo", held_out(worker, control, after, hr))):
+            for key, value in values.items():
                 rows.setdefault(f"{key}|{name}", []).append(value)
         for key in dict.fromkeys(("reward", args.control or "reward")):
             print(f"  seed {seed}: held-out {key} {rows[f'{key}|start'][-1]:.4f} -> {rows[f'{key}|gdpo'][-1]:.4f} "
