@@ -129,9 +129,9 @@ def _random(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
 # --control: no-reference rewards that prefer the same thing in every image, so every group's gradient could point
 # the same way: (metric, lower is better).  brighter and darker rank the same samples in opposite orders, so a
 # change that both produce is not the reward's doing.  random is the null control: advantages that carry no
-# preference at all, so what it changes is what any GDPO run at that lr changes.  The coin is one generator per
-# process (training and held-out scoring draw from it): the first seed of every invocation replays the same coin
-# sequence, on other samples.  Values lie in [0, 1].
+# preference at all, so what it changes is what any GDPO run at that lr changes.  The coin is reseeded with each
+# run's seed (``gdpo_run``), so seed s flips the same coins in every invocation and different seeds flip different
+# ones; held-out scoring draws from it too.  Values lie in [0, 1].
 CONTROLS = {
     "brighter": (_luminance, False),
     "darker": (_luminance, True),
@@ -198,6 +198,7 @@ def gdpo_run(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.manual_seed(seed)
+    _COIN.manual_seed(seed)
     learner = LearnerRank(model_config(args), config, 0, 1, "127.0.0.1", port)
     start = time.perf_counter()
     for step in range(steps):
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of the ARF; the ARF and image metrics are still reported")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=0, help="(b): also print the held-out change every N "
                         "steps (a learning curve; the end point is the table's; with --control random the extra "
-                        "held-out scoring draws from the one coin: training sees another coin sequence)")  # fmt: skip
+                        "held-out scoring draws from the run's coin: training sees another coin sequence)")  # fmt: skip
     parser.add_argument("--skip-gdpo", action="store_true", help="only (a)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)

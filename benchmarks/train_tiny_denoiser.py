@@ -10,7 +10,10 @@ NAOSD keeps under a rank-4 LoRA, is a denoiser.  This script makes a tiny one: t
 of the embedded *training* photos (the held-out ones are never read), empty prompt.  It writes a folder
 of the tiny architecture that ``bench_learning.py --naosd-path`` and ``bench_gdpo_gradient.py
 --naosd-path`` load; sample it with equal timesteps (``--t-add 250 --t-diff 250``), where its one step is
-the denoiser's own estimate of the clean latent.
+the denoiser's own estimate of the clean latent.  The folder is also a complete SD-layout folder (the
+default model's seeded tiny text encoder, the CLIP tokenizer, SD 2.1's scheduler), so it can stand in for
+SD 2.1-base as a toy prior: ``python -m learner.pretrain ... model.source=pretrained
+model.sd_path=runs/tiny-denoiser`` pre-trains a LoRA NAOSD on it the way SPEC section 9 does on SD.
 
     python benchmarks/train_tiny_denoiser.py --out runs/tiny-denoiser
 """
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.clip_vocab import clip_tokenizer
 from common.naosd import ModelConfig, q_sample
-from common.tiny import TINY_MODEL_DIR, tiny_unet
+from common.tiny import TINY_MODEL_DIR, sd21_scheduler, tiny_text_encoder, tiny_unet
 from common.weights import build_naosd
 from sr_data.embedded_images import EMBEDDED_IMAGES, load_embedded
 
@@ -51,7 +55,7 @@ def training_crops(count: int, size: int, seed: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write (unet/ and vae/, the tiny architecture)")
+    parser.add_argument("--out", required=True, help="folder to write (an SD layout of the tiny architecture)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--crop", type=int, default=48)
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     shutil.copytree(TINY_MODEL_DIR / "vae", out / "vae", dirs_exist_ok=True)
+    # The rest of an SD folder, as model.source=tiny builds them (ModelConfig().tiny_seed), for model.sd_path.
+    tiny_text_encoder(ModelConfig().tiny_seed).save_pretrained(out / "text_encoder", safe_serialization=True)
+    clip_tokenizer().save_pretrained(out / "tokenizer")
+    sd21_scheduler().save_pretrained(out / "scheduler")
     print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -46,9 +46,15 @@ _NOTICES = {
 }
 
 
-def model_notice(source: str) -> str | None:
-    """What to print when a model of ``source`` runs (None for user-supplied pretrained weights)."""
+def model_notice(source: str, naosd_path: str = "") -> str | None:
+    """What to print when a model of ``source`` runs (None for user-supplied pretrained weights).  With
+    ``source=tiny`` a ``naosd_path`` replaces the committed weights, so the notice names that folder instead."""
+    if source == "tiny" and naosd_path:
+        return (f"NOTE: model.source=tiny with model.naosd_path={naosd_path}: a tiny SD-architecture model loaded from "
+                "that folder (not the committed default), NOT the paper's SD 2.1-based NAOSD/GDPO-SR, so its images "
+                "and rewards are not the paper's.")  # fmt: skip
     return _NOTICES.get(source)
+
 
 TINY_TEXT_DIM = 32
 

@@ -59,7 +59,7 @@ def train(job: JobConfig) -> dict[str, float]:
     """Run the job to ``job.run.steps`` optimizer steps; returns the last step's summary."""
     out = Path(job.run.output_dir)
     prepare_run_folder(job)  # a resume that changes the model, data, seed or objective stops here
-    if notice := model_notice(job.model.source):
+    if notice := model_notice(job.model.source, job.model.naosd_path):
         print(notice, flush=True)
     telemetry = Telemetry()
     port = telemetry.serve(job.metrics, tensorboard_dir=out / "tensorboard")

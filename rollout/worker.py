@@ -80,7 +80,7 @@ class RolloutWorker:
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if notice := model_notice(model_config.source):
+        if notice := model_notice(model_config.source, model_config.naosd_path):
             print(f"[{worker_id}] {notice}", flush=True)
         self.model = build_naosd(model_config, device=device)
         self.source = PairSource(data_config)

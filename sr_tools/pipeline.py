@@ -120,7 +120,7 @@ def load_model(spec: ModelSpec, *, t_add: int = 250, device: str = "cpu", dtype:
     """Build NAOSD from ``spec`` (printing the tiny-model notice when it is the tiny one)."""
     from common.weights import build_naosd, load_adapter
 
-    notice = model_notice(spec.source)
+    notice = model_notice(spec.source, spec.naosd_path)
     if notice:
         print(notice, file=sys.stderr)
     config = ModelConfig(source=spec.source, sd_path=spec.sd_path, naosd_path=spec.naosd_path,

@@ -38,3 +38,15 @@ def test_trains_the_seeded_unet_and_keeps_the_committed_vae(tmp_path) -> None:
     initial = tiny_unet(0).state_dict()  # the script's start (--seed 0)
     assert initial.keys() == trained.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # two optimiser steps moved it
+
+
+def test_writes_a_complete_sd_folder_that_stands_in_for_sd21(tmp_path) -> None:
+    out = tmp_path / "denoiser"
+    assert train_tiny_denoiser.main(["--out", str(out), "--steps", "1", "--batch", "2", "--crops", "4"]) == 0
+    as_base = build_naosd(ModelConfig(source="pretrained", sd_path=str(out)))  # what LoRA pre-training loads
+    as_tiny = build_naosd(ModelConfig(naosd_path=str(out)))
+    with torch.no_grad():  # the same text encoder as model.source=tiny: one empty-prompt embedding
+        assert torch.equal(as_base.encode_prompts([""]), as_tiny.encode_prompts([""]))
+    assert torch.equal(as_base.alphas_cumprod, as_tiny.alphas_cumprod)  # SD 2.1's schedule
+    base_unet, tiny_unet_state = as_base.unet.state_dict(), as_tiny.unet.state_dict()
+    assert all(torch.equal(base_unet[k], tiny_unet_state[k]) for k in tiny_unet_state)
