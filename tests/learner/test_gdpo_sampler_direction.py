@@ -92,3 +92,21 @@ def test_a_shrinking_denoiser_moves_toward_the_preferred_sample(abar: torch.Tens
 def test_an_exact_one_step_model_moves_away_from_the_preferred_sample(abar: torch.Tensor) -> None:
     assert _exact_k(abar) < 0
     assert _sample_mean_change(_exact_k(abar), abar) < 0
+
+
+def _k_for_gain(gain: float, abar: torch.Tensor) -> float:
+    """The ``k`` whose one-step sample is ``gain * z0`` when fed ``sqrt(abar[t_add]) * z0`` (step 4 at ``t_diff``)."""
+    a_add, a_diff = abar[T_ADD].sqrt(), abar[T_DIFF].sqrt()
+    return float((1 - gain * a_diff / a_add) / (1 - abar[T_DIFF]).sqrt())
+
+
+def test_the_step_follows_the_preference_only_below_the_gain_threshold(abar: torch.Tensor) -> None:
+    """A sampler that passes a direction of its input through with gain ``dz_sr/dz0`` is moved toward the preferred
+    sample only if that gain is below ``sqrt(abar[250]) / sqrt(abar[100])`` (README: 0.868).  An SR model keeps
+    the LR's brightness (gain about 1), so brightness is learnt backward whatever the model was trained from."""
+    threshold = float(abar[T_ADD].sqrt() / abar[T_DIFF].sqrt())
+    assert threshold == pytest.approx(0.8680, abs=1e-4)
+    assert _k_for_gain(threshold, abar) == pytest.approx(0.0, abs=1e-6)  # eps_hat flat in z0: no move
+    assert _sample_mean_change(_k_for_gain(0.8, abar), abar) > 0  # shrinks: forward
+    assert _sample_mean_change(_k_for_gain(0.95, abar), abar) < 0  # faithful: backward
+    assert _sample_mean_change(_k_for_gain(1.0, abar), abar) < 0
