@@ -21,19 +21,16 @@ model.sd_path=runs/tiny-denoiser`` pre-trains a LoRA NAOSD on it the way SPEC se
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.clip_vocab import clip_tokenizer
 from common.naosd import ModelConfig, q_sample
-from common.tiny import TINY_MODEL_DIR, sd21_scheduler, tiny_text_encoder, tiny_unet
-from common.weights import build_naosd
+from common.tiny import tiny_unet
+from common.weights import build_naosd, export_merged
 from sr_data.embedded_images import EMBEDDED_IMAGES, load_embedded
 
 
@@ -91,14 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % max(args.steps // 20, 1) == 0:
             print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    shutil.copytree(TINY_MODEL_DIR / "vae", out / "vae", dirs_exist_ok=True)
-    # The rest of an SD folder, as model.source=tiny builds them (ModelConfig().tiny_seed), for model.sd_path.
-    tiny_text_encoder(ModelConfig().tiny_seed).save_pretrained(out / "text_encoder", safe_serialization=True)
-    clip_tokenizer().save_pretrained(out / "tokenizer")
-    sd21_scheduler().save_pretrained(out / "scheduler")
+    # The default model with this UNet: the committed VAE and source=tiny's text encoder, tokenizer and scheduler.
+    model.unet = unet.eval()
+    out = export_merged(model, args.out)
     print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

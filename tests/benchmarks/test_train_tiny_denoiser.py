@@ -48,5 +48,6 @@ def test_writes_a_complete_sd_folder_that_stands_in_for_sd21(tmp_path) -> None:
     with torch.no_grad():  # the same text encoder as model.source=tiny: one empty-prompt embedding
         assert torch.equal(as_base.encode_prompts([""]), as_tiny.encode_prompts([""]))
     assert torch.equal(as_base.alphas_cumprod, as_tiny.alphas_cumprod)  # SD 2.1's schedule
+    # The same UNet weights; the fresh "gdpo" adapter's lora_A init draws from the global RNG, not from the folder.
     base_unet, tiny_unet_state = as_base.unet.state_dict(), as_tiny.unet.state_dict()
-    assert all(torch.equal(base_unet[k], tiny_unet_state[k]) for k in tiny_unet_state)
+    assert all(torch.equal(base_unet[k], tiny_unet_state[k]) for k in tiny_unet_state if "lora_" not in k)

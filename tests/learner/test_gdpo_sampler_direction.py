@@ -49,10 +49,15 @@ class LinearNoisePredictor(torch.nn.Module):
         return SimpleNamespace(sample=self.k * x + (self.bias if self.adapter_on else 0.0))
 
 
+def _k_for_gain(gain: float, abar: torch.Tensor) -> float:
+    """The ``k`` whose one-step sample is ``gain * z0`` when fed ``sqrt(abar[t_add]) * z0`` (step 4 at ``t_diff``)."""
+    a_add, a_diff = abar[T_ADD].sqrt(), abar[T_DIFF].sqrt()
+    return float((1 - gain * a_diff / a_add) / (1 - abar[T_DIFF]).sqrt())
+
+
 def _exact_k(abar: torch.Tensor) -> float:
     """The ``k`` for which step 4 at ``t_diff`` returns ``x / sqrt(abar[t_add])``: a model exact in every direction."""
-    a_add, a_diff = abar[T_ADD].sqrt(), abar[T_DIFF].sqrt()
-    return float((1 - a_diff / a_add) / (1 - abar[T_DIFF]).sqrt())
+    return _k_for_gain(1.0, abar)
 
 
 def _sample_mean_change(k: float, abar: torch.Tensor) -> float:
@@ -92,12 +97,6 @@ def test_a_shrinking_denoiser_moves_toward_the_preferred_sample(abar: torch.Tens
 def test_an_exact_one_step_model_moves_away_from_the_preferred_sample(abar: torch.Tensor) -> None:
     assert _exact_k(abar) < 0
     assert _sample_mean_change(_exact_k(abar), abar) < 0
-
-
-def _k_for_gain(gain: float, abar: torch.Tensor) -> float:
-    """The ``k`` whose one-step sample is ``gain * z0`` when fed ``sqrt(abar[t_add]) * z0`` (step 4 at ``t_diff``)."""
-    a_add, a_diff = abar[T_ADD].sqrt(), abar[T_DIFF].sqrt()
-    return float((1 - gain * a_diff / a_add) / (1 - abar[T_DIFF]).sqrt())
 
 
 def test_the_step_follows_the_preference_only_below_the_gain_threshold(abar: torch.Tensor) -> None:
